@@ -1,0 +1,14 @@
+//! LLaMA and Phi-3 causal language models on LibTorch, numerically equal to Hugging Face
+//! transformers: config resolution, RoPE with every scaling (windows chosen per row), packed
+//! rows, safetensors loading.
+
+pub mod attention;
+pub mod config;
+pub mod load;
+pub mod rope;
+pub mod transformer;
+
+pub use config::{Architecture, ModelConfig};
+pub use load::{load_model, load_tokenizer, LoadedModel};
+pub use rope::{RopeConfig, RopeScaling, Window};
+pub use transformer::{next_token_targets, CausalLm, IGNORE_INDEX};

@@ -1,0 +1,241 @@
+//! The LLaMA / Phi-3 decoder.
+//!
+//! Both families are the same pre-norm decoder (RMSNorm, rotary attention with grouped KV heads,
+//! SiLU-gated MLP). Phi-3 fuses q/k/v into one `qkv_proj` and gate/up into `gate_up_proj`, and
+//! may rotate only part of each head (`partial_rotary_factor`). Variables live in a
+//! [`tch::nn::VarStore`] under their Hugging Face names (`model.layers.3.self_attn.q_proj.weight`),
+//! so loading and exporting need no renaming table.
+
+use tch::nn::{self, Module};
+use tch::{Kind, Reduction, Tensor};
+
+use crate::attention::Plan;
+use crate::config::{Architecture, ModelConfig};
+use crate::rope::apply_rotary;
+
+/// Label value that contributes no loss (as in transformers and PyTorch).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// HF `LlamaRMSNorm`: normalise in float32, cast back, then scale.
+#[derive(Debug)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(p: nn::Path, size: i64, eps: f64) -> Self {
+        RmsNorm { weight: p.var("weight", &[size], nn::Init::Const(1.0)), eps }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let xf = x.to_kind(Kind::Float);
+        let var = xf.pow_tensor_scalar(2).mean_dim([-1].as_slice(), true, Kind::Float);
+        &self.weight * (xf * (var + self.eps).rsqrt()).to_kind(kind)
+    }
+}
+
+fn linear(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> nn::Linear {
+    let cfg = nn::LinearConfig { bias, ws_init: nn::Init::Randn { mean: 0.0, stdev: 0.02 }, ..Default::default() };
+    nn::linear(p, in_dim, out_dim, cfg)
+}
+
+#[derive(Debug)]
+enum QkvProj {
+    Split { q: nn::Linear, k: nn::Linear, v: nn::Linear },
+    Fused(nn::Linear),
+}
+
+#[derive(Debug)]
+struct Attention {
+    qkv: QkvProj,
+    o_proj: nn::Linear,
+    n_heads: i64,
+    n_kv_heads: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    fn new(p: nn::Path, c: &ModelConfig) -> Self {
+        let (h, q_dim, kv_dim) = (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        let qkv = match c.arch {
+            Architecture::Llama => QkvProj::Split {
+                q: linear(&p / "q_proj", h, q_dim, c.attention_bias),
+                k: linear(&p / "k_proj", h, kv_dim, c.attention_bias),
+                v: linear(&p / "v_proj", h, kv_dim, c.attention_bias),
+            },
+            Architecture::Phi3 => QkvProj::Fused(linear(&p / "qkv_proj", h, q_dim + 2 * kv_dim, false)),
+        };
+        let o_bias = c.arch == Architecture::Llama && c.attention_bias;
+        Attention {
+            qkv,
+            o_proj: linear(&p / "o_proj", q_dim, h, o_bias),
+            n_heads: c.num_attention_heads,
+            n_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, plan: &Plan) -> Tensor {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let (q, k, v) = match &self.qkv {
+            QkvProj::Split { q, k, v } => (q.forward(x), k.forward(x), v.forward(x)),
+            QkvProj::Fused(qkv) => {
+                let parts = qkv.forward(x).split_with_sizes(
+                    [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim],
+                    -1,
+                );
+                (parts[0].shallow_clone(), parts[1].shallow_clone(), parts[2].shallow_clone())
+            }
+        };
+        let heads = |x: Tensor, n: i64| x.view([b, t, n, self.head_dim]).transpose(1, 2);
+        let q = apply_rotary(&heads(q, self.n_heads), cos, sin);
+        let k = apply_rotary(&heads(k, self.n_kv_heads), cos, sin);
+        let v = heads(v, self.n_kv_heads);
+        let y = plan.attend(&q, &k, &v);
+        self.o_proj.forward(&y.transpose(1, 2).reshape([b, t, self.n_heads * self.head_dim]))
+    }
+}
+
+#[derive(Debug)]
+enum Mlp {
+    Split { gate: nn::Linear, up: nn::Linear, down: nn::Linear },
+    Fused { gate_up: nn::Linear, down: nn::Linear },
+}
+
+impl Mlp {
+    fn new(p: nn::Path, c: &ModelConfig) -> Self {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        match c.arch {
+            Architecture::Llama => Mlp::Split {
+                gate: linear(&p / "gate_proj", h, i, c.mlp_bias),
+                up: linear(&p / "up_proj", h, i, c.mlp_bias),
+                down: linear(&p / "down_proj", i, h, c.mlp_bias),
+            },
+            Architecture::Phi3 => Mlp::Fused {
+                gate_up: linear(&p / "gate_up_proj", h, 2 * i, false),
+                down: linear(&p / "down_proj", i, h, false),
+            },
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            Mlp::Split { gate, up, down } => down.forward(&(gate.forward(x).silu() * up.forward(x))),
+            Mlp::Fused { gate_up, down } => {
+                let gu = gate_up.forward(x).chunk(2, -1);
+                down.forward(&(&gu[1] * gu[0].silu()))
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn new(p: nn::Path, c: &ModelConfig) -> Self {
+        DecoderLayer {
+            input_layernorm: RmsNorm::new(&p / "input_layernorm", c.hidden_size, c.rms_norm_eps),
+            self_attn: Attention::new(&p / "self_attn", c),
+            post_attention_layernorm: RmsNorm::new(&p / "post_attention_layernorm", c.hidden_size, c.rms_norm_eps),
+            mlp: Mlp::new(&p / "mlp", c),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, plan: &Plan) -> Tensor {
+        let h = x + self.self_attn.forward(&self.input_layernorm.forward(x), cos, sin, plan);
+        &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h))
+    }
+}
+
+/// Per-forward inputs shared by every layer: rotary tables and the attention plan.
+pub struct Positions {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub plan: Plan,
+}
+
+/// A causal language model (`LlamaForCausalLM` / `Phi3ForCausalLM`).
+#[derive(Debug)]
+pub struct CausalLm {
+    pub config: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Option<nn::Linear>,
+}
+
+impl CausalLm {
+    /// Build the model's variables under `root` (randomly initialised; load weights afterwards).
+    pub fn new(root: &nn::Path, config: ModelConfig) -> Self {
+        let c = &config;
+        let m = root / "model";
+        let embed_tokens =
+            (&m / "embed_tokens").var("weight", &[c.vocab_size, c.hidden_size], nn::Init::Randn { mean: 0.0, stdev: 0.02 });
+        let layers = (0..c.num_hidden_layers).map(|i| DecoderLayer::new(&m / "layers" / i, c)).collect();
+        let norm = RmsNorm::new(&m / "norm", c.hidden_size, c.rms_norm_eps);
+        let lm_head = (!c.tie_word_embeddings).then(|| linear(root / "lm_head", c.hidden_size, c.vocab_size, false));
+        CausalLm { config, embed_tokens, layers, norm, lm_head }
+    }
+
+    /// Rotary tables (window picked per row) and the attention plan for `position_ids` `[B, T]`.
+    pub fn positions(&self, position_ids: &Tensor) -> Positions {
+        let (cos, sin) = self.config.rope.cos_sin(position_ids);
+        Positions { cos, sin, plan: Plan::new(position_ids, self.config.sliding_window) }
+    }
+
+    /// Final hidden states `[B, T, hidden]` (after the last norm), in the weights' dtype.
+    pub fn hidden_states(&self, input_ids: &Tensor, position_ids: &Tensor) -> Tensor {
+        let pos = self.positions(position_ids);
+        let mut x = self.embed_tokens.embedding(input_ids);
+        for layer in &self.layers {
+            x = layer.forward(&x, &pos.cos, &pos.sin, &pos.plan);
+        }
+        self.norm.forward(&x)
+    }
+
+    /// The output projection `[vocab, hidden]` (the embedding matrix when tied).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().map_or(&self.embed_tokens, |l| &l.ws)
+    }
+
+    /// Logits `[B, T, vocab]` in float32.
+    pub fn forward(&self, input_ids: &Tensor, position_ids: &Tensor) -> Tensor {
+        self.hidden_states(input_ids, position_ids).matmul(&self.lm_head_weight().tr()).to_kind(Kind::Float)
+    }
+
+    /// Summed next-token NLL (a differentiable 0-dim float32 tensor) and the number of scored
+    /// tokens. `targets[b, t]` is the token that position t must predict, or [`IGNORE_INDEX`].
+    pub fn nll(&self, input_ids: &Tensor, position_ids: &Tensor, targets: &Tensor) -> (Tensor, i64) {
+        let logits = self.forward(input_ids, position_ids);
+        let v = logits.size()[2];
+        let loss = logits.view([-1, v]).cross_entropy_loss::<Tensor>(
+            &targets.view([-1]),
+            None,
+            Reduction::Sum,
+            IGNORE_INDEX,
+            0.0,
+        );
+        let count = targets.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]);
+        (loss, count)
+    }
+}
+
+/// Next-token targets for rows of packed documents: `targets[t] = input_ids[t + 1]` inside a
+/// document; the last token of each document (whose successor starts another document or lies
+/// past the row) gets [`IGNORE_INDEX`].
+pub fn next_token_targets(input_ids: &Tensor, position_ids: &Tensor) -> Tensor {
+    let t = input_ids.size()[1];
+    let next = input_ids.narrow(1, 1, t - 1);
+    let next_starts_doc = position_ids.narrow(1, 1, t - 1).eq(0);
+    let shifted = next.masked_fill(&next_starts_doc, IGNORE_INDEX);
+    let pad = Tensor::full([input_ids.size()[0], 1], IGNORE_INDEX, (Kind::Int64, input_ids.device()));
+    Tensor::cat(&[shifted, pad], 1)
+}

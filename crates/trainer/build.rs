@@ -1,0 +1,4 @@
+fn main() {
+    longmix_build::link_libtorch();
+    longmix_build::record_libtorch_version();
+}

@@ -1,0 +1,3 @@
+pub mod env;
+pub mod import_gguf;
+pub mod score;

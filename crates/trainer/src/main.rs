@@ -1,0 +1,42 @@
+//! `longmix`: mixed-context-window fine-tuning of LLaMA and Phi-3 checkpoints.
+
+mod cmd;
+mod device;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "longmix", version, about = "Stretch an LLM's context window the LongRoPE2 way")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print tch/LibTorch versions, CUDA availability, GPU names and bf16 support.
+    Env(cmd::env::Args),
+    /// Convert a llama.cpp GGUF file (LLaMA architecture) into a Hugging Face model folder.
+    ImportGguf(cmd::import_gguf::Args),
+    /// Mean next-token NLL and token count of a text file under a model.
+    Score(cmd::score::Args),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Env(a) => cmd::env::run(a),
+        Command::ImportGguf(a) => cmd::import_gguf::run(a),
+        Command::Score(a) => cmd::score::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

