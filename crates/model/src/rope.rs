@@ -159,7 +159,7 @@ impl RopeConfig {
                 let wavelen = inv.reciprocal() * (2.0 * PI);
                 let llama = (&inv / *factor).where_self(&wavelen.gt(low_wl), &inv);
                 let smooth = (wavelen.reciprocal() * l0 - *low_freq_factor) / (high_freq_factor - low_freq_factor);
-                let smoothed = (1.0 - &smooth) * &llama / *factor + &smooth * &llama;
+                let smoothed: Tensor = (1.0 - &smooth) * &llama / *factor + &smooth * &llama;
                 let medium = wavelen.lt(high_wl).logical_not() * wavelen.gt(low_wl).logical_not();
                 smoothed.where_self(&medium, &llama)
             }

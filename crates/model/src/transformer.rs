@@ -194,7 +194,7 @@ impl CausalLm {
     /// Final hidden states `[B, T, hidden]` (after the last norm), in the weights' dtype.
     pub fn hidden_states(&self, input_ids: &Tensor, position_ids: &Tensor) -> Tensor {
         let pos = self.positions(position_ids);
-        let mut x = self.embed_tokens.embedding(input_ids);
+        let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
         for layer in &self.layers {
             x = layer.forward(&x, &pos.cos, &pos.sin, &pos.plan);
         }

@@ -61,8 +61,9 @@ fn shape_mismatch_names_tensor_and_both_shapes() {
     let tmp = copy_of("llama_gqa_tied");
     edit_config(tmp.path(), |c| c["intermediate_size"] = 96.into());
     let e = load_err(tmp.path());
-    assert!(e.contains("shape mismatch for tensor model.layers.0.mlp."), "{e}");
-    assert!(e.contains("[128, 64]") && e.contains("[96, 64]"), "{e}");
+    assert!(e.contains("shape mismatch for tensor model.layers.") && e.contains(".mlp."), "{e}");
+    let both = |a: &str, b: &str| e.contains(a) && e.contains(b);
+    assert!(both("[128, 64]", "[96, 64]") || both("[64, 128]", "[64, 96]"), "{e}");
 }
 
 #[test]
@@ -96,20 +97,20 @@ fn unknown_rope_type() {
 #[test]
 fn factor_list_of_wrong_length_names_d_rot_half() {
     // head_dim 16 x 0.75 = 12 rotated dims: 6 factors expected.
-    let rope = serde_json::json!({"type": "longrope", "short_factor": [1.0; 6], "long_factor": [2.0; 8]});
+    let rope = serde_json::json!({"type": "longrope", "short_factor": vec![1.0; 6], "long_factor": vec![2.0; 8]});
     let e = format!("{:#}", ModelConfig::from_json_str(&config_with_rope(rope)).unwrap_err());
     assert!(e.contains("\"long_factor\" has 8 entries") && e.contains("d_rot/2 = 6"), "{e}");
 }
 
 #[test]
 fn legacy_and_v5_spellings_resolve_alike() {
-    let legacy = config_with_rope(serde_json::json!({"type": "longrope", "short_factor": [1.0; 6], "long_factor": [4.0; 6]}));
+    let legacy = config_with_rope(serde_json::json!({"type": "longrope", "short_factor": vec![1.0; 6], "long_factor": vec![4.0; 6]}));
     let mut v: serde_json::Value = serde_json::from_str(&legacy).unwrap();
     let obj = v.as_object_mut().unwrap();
     obj.remove("rope_scaling");
     obj.insert(
         "rope_parameters".into(),
-        serde_json::json!({"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0; 6], "long_factor": [4.0; 6]}),
+        serde_json::json!({"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": vec![1.0; 6], "long_factor": vec![4.0; 6]}),
     );
     let a = ModelConfig::from_json_str(&legacy).unwrap().rope;
     let b = ModelConfig::from_json_str(&v.to_string()).unwrap().rope;

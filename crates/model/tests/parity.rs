@@ -70,6 +70,7 @@ fn every_fixture_case_is_tested() {
         "llama_dynamic",
         "llama_yarn",
         "llama_yarn_mscale",
+        "llama_yarn_attn",
         "llama3",
         "llama_longrope",
         "phi3_longrope_partial",
@@ -108,6 +109,10 @@ fn llama_yarn() {
 #[test]
 fn llama_yarn_mscale() {
     check("llama_yarn_mscale");
+}
+#[test]
+fn llama_yarn_attn() {
+    check("llama_yarn_attn");
 }
 #[test]
 fn llama3() {

@@ -1,0 +1,196 @@
+//! AdamW whose state is ours (so it checkpoints), with float32 master weights.
+//!
+//! The update is the one of `torch.optim.AdamW` (single-tensor path):
+//! decoupled decay `p *= 1 - lr*wd`, `m = lerp(m, g, 1-b1)`, `v = b2*v + (1-b2)*g*g`,
+//! `p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)`.
+//!
+//! When the model computes in bf16/f16, its parameters are copies of the float32 masters held
+//! here: gradients are upcast, the masters updated, then cast back into the model.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdamWConfig {
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this value (0 = off).
+    #[serde(default = "default_clip")]
+    pub grad_clip: f64,
+    /// Leave 1-D parameters (norm weights, biases) undecayed, as most LLM recipes do.
+    #[serde(default = "default_true")]
+    pub no_decay_1d: bool,
+}
+
+fn default_lr() -> f64 {
+    2e-5
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.95]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        toml::from_str("").unwrap()
+    }
+}
+
+struct Slot {
+    param: Tensor,
+    master: Option<Tensor>,
+    m: Tensor,
+    v: Tensor,
+    decay: bool,
+}
+
+pub struct AdamW {
+    pub config: AdamWConfig,
+    slots: BTreeMap<String, Slot>,
+    /// Completed updates.
+    pub step: u64,
+}
+
+impl AdamW {
+    /// Optimise the trainable variables `params` (name -> tensor).
+    pub fn new(config: AdamWConfig, params: BTreeMap<String, Tensor>) -> Self {
+        let slots = params
+            .into_iter()
+            .map(|(name, param)| {
+                let master = (param.kind() != Kind::Float).then(|| param.detach().to_kind(Kind::Float));
+                let zeros = || Tensor::zeros_like(master.as_ref().unwrap_or(&param)).to_kind(Kind::Float);
+                let decay = !(config.no_decay_1d && param.dim() <= 1);
+                let slot = Slot { m: zeros(), v: zeros(), master, param, decay };
+                (name, slot)
+            })
+            .collect();
+        AdamW { config, slots, step: 0 }
+    }
+
+    /// Global L2 norm of all gradients (float32), computed before any clipping.
+    pub fn grad_norm(&self) -> f64 {
+        let sq: Vec<Tensor> = self
+            .slots
+            .values()
+            .filter(|s| s.param.grad().defined())
+            .map(|s| s.param.grad().to_kind(Kind::Float).pow_tensor_scalar(2).sum(Kind::Float))
+            .collect();
+        if sq.is_empty() {
+            return 0.0;
+        }
+        Tensor::stack(&sq, 0).sum(Kind::Float).sqrt().double_value(&[])
+    }
+
+    /// One update at learning rate `lr`; returns the gradient norm before clipping.
+    pub fn step(&mut self, lr: f64) -> f64 {
+        let norm = self.grad_norm();
+        let clip = if self.config.grad_clip > 0.0 { (self.config.grad_clip / (norm + 1e-6)).min(1.0) } else { 1.0 };
+        self.step += 1;
+        let [b1, b2] = self.config.betas;
+        let bc1 = 1.0 - b1.powi(self.step as i32);
+        let bc2_sqrt = (1.0 - b2.powi(self.step as i32)).sqrt();
+        let (eps, wd) = (self.config.eps, self.config.weight_decay);
+        tch::no_grad(|| {
+            for s in self.slots.values_mut() {
+                let g = s.param.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let mut g = g.to_kind(Kind::Float);
+                if clip < 1.0 {
+                    g = g * clip;
+                }
+                let mut p = s.master.as_ref().map_or_else(|| s.param.shallow_clone(), |m| m.shallow_clone());
+                if s.decay && wd != 0.0 {
+                    let _ = p.g_mul_scalar_(1.0 - lr * wd);
+                }
+                let _ = s.m.lerp_(&g, 1.0 - b1);
+                let _ = s.v.g_mul_scalar_(b2).addcmul_(&g, &(&g * (1.0 - b2)));
+                let denom = (s.v.sqrt() / bc2_sqrt) + eps;
+                let _ = p.addcdiv_(&(&s.m * (-lr / bc1)), &denom);
+                if let Some(master) = &s.master {
+                    s.param.copy_(master);
+                }
+            }
+        });
+        norm
+    }
+
+    /// Clear every gradient.
+    pub fn zero_grad(&mut self) {
+        for s in self.slots.values_mut() {
+            let mut g = s.param.grad();
+            if g.defined() {
+                let _ = g.detach_().zero_();
+            }
+        }
+    }
+
+    /// Save moments, masters and the step count to `dir/optimizer.safetensors` + `optimizer.json`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let mut named: Vec<(String, Tensor)> = Vec::new();
+        for (name, s) in &self.slots {
+            named.push((format!("m.{name}"), s.m.to_device(tch::Device::Cpu)));
+            named.push((format!("v.{name}"), s.v.to_device(tch::Device::Cpu)));
+            if let Some(master) = &s.master {
+                named.push((format!("master.{name}"), master.to_device(tch::Device::Cpu)));
+            }
+        }
+        Tensor::write_safetensors(&named, dir.join("optimizer.safetensors"))?;
+        let meta = serde_json::json!({ "step": self.step, "config": self.config });
+        std::fs::write(dir.join("optimizer.json"), serde_json::to_string_pretty(&meta)?)?;
+        Ok(())
+    }
+
+    /// Restore what [`AdamW::save`] wrote; every slot must be present with its shape.
+    pub fn load(&mut self, dir: &Path) -> Result<()> {
+        let path = dir.join("optimizer.safetensors");
+        let saved: BTreeMap<String, Tensor> = Tensor::read_safetensors(&path)
+            .with_context(|| format!("cannot read optimizer state {}", path.display()))?
+            .into_iter()
+            .collect();
+        let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("optimizer.json"))?)?;
+        tch::no_grad(|| -> Result<()> {
+            for (name, s) in self.slots.iter_mut() {
+                for (key, dst) in [("m", &mut s.m), ("v", &mut s.v)] {
+                    let src = saved.get(&format!("{key}.{name}")).ok_or_else(|| {
+                        anyhow::anyhow!("optimizer state {} lacks {key}.{name}: it belongs to another model", path.display())
+                    })?;
+                    if src.size() != dst.size() {
+                        bail!("optimizer state {key}.{name} has shape {:?}, the parameter {:?}", src.size(), dst.size());
+                    }
+                    dst.copy_(src);
+                }
+                if let Some(master) = &mut s.master {
+                    let src = saved
+                        .get(&format!("master.{name}"))
+                        .ok_or_else(|| anyhow::anyhow!("optimizer state lacks master.{name}"))?;
+                    master.copy_(src);
+                    s.param.copy_(master);
+                }
+            }
+            Ok(())
+        })?;
+        self.step = meta["step"].as_u64().context("optimizer.json lacks step")?;
+        Ok(())
+    }
+}
