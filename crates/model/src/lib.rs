@@ -4,11 +4,15 @@
 
 pub mod attention;
 pub mod config;
+pub mod export;
 pub mod load;
+pub mod memory;
 pub mod rope;
 pub mod transformer;
 
 pub use config::{Architecture, ModelConfig};
+pub use export::{export_hf, ExportOptions, LongRopeExport};
+pub use memory::{MemoryOptions, StepLoss};
 pub use load::{load_model, load_tokenizer, LoadedModel};
 pub use rope::{RopeConfig, RopeScaling, Window};
 pub use transformer::{next_token_targets, CausalLm, IGNORE_INDEX};

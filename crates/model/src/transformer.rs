@@ -18,7 +18,7 @@ pub const IGNORE_INDEX: i64 = -100;
 
 /// HF `LlamaRMSNorm`: normalise in float32, cast back, then scale.
 #[derive(Debug)]
-struct RmsNorm {
+pub(crate) struct RmsNorm {
     weight: Tensor,
     eps: f64,
 }
@@ -28,7 +28,7 @@ impl RmsNorm {
         RmsNorm { weight: p.var("weight", &[size], nn::Init::Const(1.0)), eps }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
         let kind = x.kind();
         let xf = x.to_kind(Kind::Float);
         let var = xf.pow_tensor_scalar(2).mean_dim([-1].as_slice(), true, Kind::Float);
@@ -132,7 +132,7 @@ impl Mlp {
 }
 
 #[derive(Debug)]
-struct DecoderLayer {
+pub(crate) struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
@@ -149,7 +149,7 @@ impl DecoderLayer {
         }
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, plan: &Plan) -> Tensor {
+    pub(crate) fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, plan: &Plan) -> Tensor {
         let h = x + self.self_attn.forward(&self.input_layernorm.forward(x), cos, sin, plan);
         &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h))
     }
@@ -166,9 +166,9 @@ pub struct Positions {
 #[derive(Debug)]
 pub struct CausalLm {
     pub config: ModelConfig,
-    embed_tokens: Tensor,
-    layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
+    pub(crate) embed_tokens: Tensor,
+    pub(crate) layers: Vec<DecoderLayer>,
+    pub(crate) norm: RmsNorm,
     lm_head: Option<nn::Linear>,
 }
 

@@ -1,0 +1,173 @@
+//! Writing a Hugging Face model folder that transformers and vLLM load as they are.
+//!
+//! * Weights: sharded safetensors (`model-0000i-of-0000n.safetensors`, metadata
+//!   `{"format": "pt"}`) plus `model.safetensors.index.json`; a tied LM head is not written.
+//! * `config.json`: the source config with the RoPE section rewritten for the extended window
+//!   (`max_position_embeddings = L`, `original_max_position_embeddings = L0`, a `longrope`
+//!   `rope_scaling` and the same dict as transformers-5 `rope_parameters`); every other key kept.
+//! * Tokenizer and generation files copied from the source folder.
+//!
+//! Everything is written to `<out>.partial` and renamed into place at the end.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+use serde_json::{json, Map, Value};
+use tch::{nn, Kind, Tensor};
+
+use crate::config::ModelConfig;
+
+/// The extended-window RoPE to write into the exported config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LongRopeExport {
+    /// The new window L.
+    pub max_position_embeddings: i64,
+    /// The pre-training window L0.
+    pub original_max_position_embeddings: i64,
+    pub short_factor: Vec<f64>,
+    pub long_factor: Vec<f64>,
+    /// Written only when set; transformers otherwise derives sqrt(1 + ln(L/L0) / ln L0).
+    pub attention_factor: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    pub dtype: Kind,
+    /// Upper bound of one shard's tensor bytes (a tensor larger than this gets a shard alone).
+    pub max_shard_bytes: u64,
+    pub rope: Option<LongRopeExport>,
+}
+
+/// Files copied from the source model folder when present.
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+];
+
+fn dtype_names(kind: Kind) -> Result<(Dtype, &'static str)> {
+    Ok(match kind {
+        Kind::Float => (Dtype::F32, "float32"),
+        Kind::BFloat16 => (Dtype::BF16, "bfloat16"),
+        Kind::Half => (Dtype::F16, "float16"),
+        k => bail!("cannot export weights as {k:?}: use f32, bf16 or f16"),
+    })
+}
+
+/// The exported `config.json`.
+pub fn exported_config(config: &ModelConfig, dtype_name: &str, rope: Option<&LongRopeExport>) -> Result<Map<String, Value>> {
+    let mut c = config.raw.clone();
+    c.insert("torch_dtype".into(), json!(dtype_name));
+    c.insert("dtype".into(), json!(dtype_name));
+    if let Some(r) = rope {
+        let n = config.rope.n_pairs() as usize;
+        for (key, list) in [("short_factor", &r.short_factor), ("long_factor", &r.long_factor)] {
+            if list.len() != n {
+                bail!("{key} has {} entries but this model needs d_rot/2 = {n}", list.len());
+            }
+        }
+        if r.max_position_embeddings <= r.original_max_position_embeddings {
+            bail!(
+                "the exported window ({}) must exceed the original one ({})",
+                r.max_position_embeddings,
+                r.original_max_position_embeddings
+            );
+        }
+        c.insert("max_position_embeddings".into(), json!(r.max_position_embeddings));
+        c.insert("original_max_position_embeddings".into(), json!(r.original_max_position_embeddings));
+        let mut rope = json!({
+            "rope_type": "longrope",
+            "type": "longrope",
+            "short_factor": r.short_factor,
+            "long_factor": r.long_factor,
+            "original_max_position_embeddings": r.original_max_position_embeddings,
+            "factor": r.max_position_embeddings as f64 / r.original_max_position_embeddings as f64,
+        });
+        if let Some(a) = r.attention_factor {
+            rope["attention_factor"] = json!(a);
+        }
+        let mut params = rope.clone();
+        params["rope_theta"] = json!(config.rope.theta);
+        if config.rope.d_rot != config.rope.head_dim {
+            params["partial_rotary_factor"] = json!(config.rope.d_rot as f64 / config.rope.head_dim as f64);
+        }
+        params.as_object_mut().unwrap().remove("type");
+        c.insert("rope_scaling".into(), rope);
+        c.insert("rope_parameters".into(), params);
+        c.insert("rope_theta".into(), json!(config.rope.theta));
+    }
+    Ok(c)
+}
+
+/// Export the variables of `vs` (HF names) with `config` into the new folder `out`.
+pub fn export_hf(vs: &nn::VarStore, config: &ModelConfig, source_dir: Option<&Path>, out: &Path, opts: &ExportOptions) -> Result<()> {
+    if out.exists() {
+        bail!("{} already exists: choose another --out or remove it first", out.display());
+    }
+    let (dtype, dtype_name) = dtype_names(opts.dtype)?;
+    let cfg = exported_config(config, dtype_name, opts.rope.as_ref())?;
+    let partial = out.with_extension("partial");
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial)?;
+    }
+    std::fs::create_dir_all(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
+
+    // Plan shards in name order, then write them.
+    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().filter(|(k, _)| !(config.tie_word_embeddings && k == "lm_head.weight")).collect();
+    let elt = opts.dtype.elt_size_in_bytes() as u64;
+    let mut shards: Vec<Vec<&String>> = vec![vec![]];
+    let mut used = 0u64;
+    for (name, t) in &vars {
+        let bytes = t.numel() as u64 * elt;
+        if used > 0 && used + bytes > opts.max_shard_bytes {
+            shards.push(vec![]);
+            used = 0;
+        }
+        shards.last_mut().unwrap().push(name);
+        used += bytes;
+    }
+    let n = shards.len();
+    let mut weight_map = Map::new();
+    let mut total = 0u64;
+    for (i, names) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+        let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for name in names {
+            let t = vars[*name].detach().to_device(tch::Device::Cpu).to_kind(opts.dtype).contiguous();
+            let numel = t.numel();
+            let mut buf = vec![0u8; numel * elt as usize];
+            t.copy_data_u8(&mut buf, numel);
+            total += buf.len() as u64;
+            buffers.push(((*name).clone(), t.size().iter().map(|&d| d as usize).collect(), buf));
+            weight_map.insert((*name).clone(), json!(file));
+        }
+        let views = buffers
+            .iter()
+            .map(|(name, shape, buf)| Ok((name.as_str(), TensorView::new(dtype, shape.clone(), buf)?)))
+            .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        safetensors::serialize_to_file(views, Some(meta), &partial.join(&file))
+            .with_context(|| format!("cannot write {}", partial.join(&file).display()))?;
+    }
+    let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+    std::fs::write(partial.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?)?;
+    std::fs::write(partial.join("config.json"), serde_json::to_string_pretty(&Value::Object(cfg))?)?;
+    if let Some(src) = source_dir {
+        for f in TOKENIZER_FILES {
+            if src.join(f).exists() {
+                std::fs::copy(src.join(f), partial.join(f)).with_context(|| format!("cannot copy {f}"))?;
+            }
+        }
+    }
+    std::fs::rename(&partial, out).with_context(|| format!("cannot move the export into {}", out.display()))?;
+    Ok(())
+}
