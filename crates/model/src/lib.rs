@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod config;
 pub mod export;
+pub mod factors;
 pub mod load;
 pub mod memory;
 pub mod rope;
@@ -12,6 +13,7 @@ pub mod transformer;
 
 pub use config::{Architecture, ModelConfig};
 pub use export::{export_hf, ExportOptions, LongRopeExport};
+pub use factors::{critical_dim, init_factors, FactorInit, FactorsFile};
 pub use memory::{MemoryOptions, StepLoss};
 pub use load::{load_model, load_tokenizer, LoadedModel};
 pub use rope::{RopeConfig, RopeScaling, Window};

@@ -25,12 +25,14 @@ pub struct MemoryOptions {
     pub loss_chunk: Option<i64>,
 }
 
-/// What one micro-batch contributed.
-#[derive(Debug, Clone, Copy)]
+/// What one micro-batch contributed, in total and per row.
+#[derive(Debug, Clone, Default)]
 pub struct StepLoss {
     /// Summed NLL over scored tokens (float64 for accumulation across micro-batches).
     pub nll_sum: f64,
     pub tokens: i64,
+    pub row_nll: Vec<f64>,
+    pub row_tokens: Vec<i64>,
 }
 
 impl CausalLm {
@@ -50,8 +52,7 @@ impl CausalLm {
         let embedded = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
         if !opts.checkpoint_layers {
             let hidden = self.norm.forward(&run_layers(embedded));
-            let (loss, tokens) = self.head_loss(&hidden, targets, opts.loss_chunk, scale);
-            return StepLoss { nll_sum: loss, tokens };
+            return self.head_loss(&hidden, targets, opts.loss_chunk, scale);
         }
         // Forward without autograd, keeping each layer's input.
         let mut inputs = vec![embedded.detach()];
@@ -63,7 +64,7 @@ impl CausalLm {
         });
         // Head (with the final norm) on a detached leaf, giving dL/d(last hidden state).
         let last = inputs.pop().unwrap().set_requires_grad(true);
-        let (loss, tokens) = self.head_loss(&self.norm.forward(&last), targets, opts.loss_chunk, scale);
+        let loss = self.head_loss(&self.norm.forward(&last), targets, opts.loss_chunk, scale);
         let mut grad = last.grad();
         // Backward through the layers, last first, recomputing each.
         for (layer, x) in self.layers.iter().zip(inputs).rev() {
@@ -73,45 +74,55 @@ impl CausalLm {
             grad = x.grad();
         }
         (embedded * grad).sum(Kind::Float).backward();
-        StepLoss { nll_sum: loss, tokens }
+        loss
     }
 
     /// Summed NLL of `hidden` (`[B, T, H]`) against `targets`, back-propagated with `scale`.
-    fn head_loss(&self, hidden: &Tensor, targets: &Tensor, chunk: Option<i64>, scale: f64) -> (f64, i64) {
-        let h = hidden.size()[2];
+    fn head_loss(&self, hidden: &Tensor, targets: &Tensor, chunk: Option<i64>, scale: f64) -> StepLoss {
+        let (b, t, h) = (hidden.size()[0], hidden.size()[1], hidden.size()[2]);
         let flat_targets = targets.reshape([-1]);
         let keep = flat_targets.ne(IGNORE_INDEX).nonzero().squeeze_dim(1);
         let tokens = keep.size()[0];
+        let row_of = keep.divide_scalar_mode(t, "floor");
+        let row_tokens = Vec::<i64>::try_from(row_of.bincount::<Tensor>(None, b)).unwrap();
+        let mut row_nll = Tensor::zeros([b], (Kind::Double, hidden.device()));
         if tokens == 0 {
             // Still touch the graph so callers' gradients stay defined (all zero).
             (hidden.sum(Kind::Float) * 0.0).backward();
-            return (0.0, 0);
+            return StepLoss { nll_sum: 0.0, tokens: 0, row_nll: vec![0.0; b as usize], row_tokens };
         }
         let hidden = hidden.reshape([-1, h]).index_select(0, &keep);
         let targets = flat_targets.index_select(0, &keep);
         let w = self.lm_head_weight();
-        let loss_of = |h: &Tensor, t: &Tensor| {
-            h.matmul(&w.tr()).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(t, None, Reduction::Sum, IGNORE_INDEX, 0.0)
+        // Back-propagate one piece's loss; return its per-token NLL (detached).
+        let piece = |h: &Tensor, t: &Tensor| {
+            let nll = h.matmul(&w.tr()).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(t, None, Reduction::None, IGNORE_INDEX, 0.0);
+            (nll.sum(Kind::Float) * scale).backward();
+            nll.detach()
         };
-        let chunk = chunk.unwrap_or(tokens).max(1);
-        if chunk >= tokens {
-            let loss = loss_of(&hidden, &targets);
-            (&loss * scale).backward();
-            return (loss.double_value(&[]), tokens);
+        let chunk = chunk.unwrap_or(tokens).clamp(1, tokens);
+        let nll = if chunk == tokens {
+            piece(&hidden, &targets)
+        } else {
+            // Each chunk's head + loss is back-propagated on its own into a detached copy of the
+            // hidden states; their gradient then flows back through `hidden` once.
+            let leaf = hidden.detach().set_requires_grad(true);
+            let parts: Vec<Tensor> = (0..tokens)
+                .step_by(chunk as usize)
+                .map(|start| {
+                    let n = chunk.min(tokens - start);
+                    piece(&leaf.narrow(0, start, n), &targets.narrow(0, start, n))
+                })
+                .collect();
+            (hidden * leaf.grad()).sum(Kind::Float).backward();
+            Tensor::cat(&parts, 0)
+        };
+        let _ = row_nll.index_add_(0, &row_of, &nll.to_kind(Kind::Double));
+        StepLoss {
+            nll_sum: nll.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]),
+            tokens,
+            row_nll: Vec::<f64>::try_from(row_nll.to_device(tch::Device::Cpu)).unwrap(),
+            row_tokens,
         }
-        // Chunked: each chunk's head + loss is back-propagated on its own into a detached copy
-        // of the hidden states; their gradient then flows back through `hidden` once.
-        let leaf = hidden.detach().set_requires_grad(true);
-        let mut total = 0.0;
-        let mut start = 0;
-        while start < tokens {
-            let n = chunk.min(tokens - start);
-            let loss = loss_of(&leaf.narrow(0, start, n), &targets.narrow(0, start, n));
-            (&loss * scale).backward();
-            total += loss.double_value(&[]);
-            start += n;
-        }
-        (hidden * leaf.grad()).sum(Kind::Float).backward();
-        (total, tokens)
     }
 }

@@ -29,6 +29,9 @@ fn grads(m: &LoadedModel, opts: MemoryOptions, batch: &(Tensor, Tensor, Tensor))
         }
     }
     let out = m.model.forward_backward(&batch.0, &batch.1, &batch.2, 0.01, opts);
+    // Per-row sums add up, and each row's count is its tokens minus one per document.
+    assert_eq!(out.row_tokens, vec![80 - 3, 80 - 1]);
+    assert!((out.row_nll.iter().sum::<f64>() - out.nll_sum).abs() < 1e-6 * out.nll_sum);
     let grads = m.vs.variables().into_iter().map(|(k, v)| (k, v.grad().copy())).collect();
     (out.nll_sum, out.tokens, grads)
 }
