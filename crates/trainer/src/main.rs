@@ -1,7 +1,13 @@
 //! `longmix`: mixed-context-window fine-tuning of LLaMA and Phi-3 checkpoints.
 
+mod checkpoint;
 mod cmd;
+mod config;
 mod device;
+mod metrics;
+mod optim;
+mod schedule;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +26,10 @@ enum Command {
     ImportGguf(cmd::import_gguf::Args),
     /// Mean next-token NLL and token count of a text file under a model.
     Score(cmd::score::Args),
+    /// Fine-tune to a longer window with mixed short/long rows, from a TOML config.
+    Train(train::Args),
+    /// Turn a training checkpoint into a Hugging Face folder with the extended window.
+    Export(cmd::export::Args),
 }
 
 fn main() {
@@ -34,6 +44,8 @@ fn main() {
         Command::Env(a) => cmd::env::run(a),
         Command::ImportGguf(a) => cmd::import_gguf::run(a),
         Command::Score(a) => cmd::score::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Export(a) => cmd::export::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -71,12 +71,13 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// Optimise the trainable variables `params` (name -> tensor).
-    pub fn new(config: AdamWConfig, params: BTreeMap<String, Tensor>) -> Self {
+    /// Optimise `params` (name -> tensor, still float32), which the model will compute with in
+    /// `compute_kind`: for bf16/f16 the float32 values are kept here as masters.
+    pub fn new(config: AdamWConfig, params: BTreeMap<String, Tensor>, compute_kind: Kind) -> Self {
         let slots = params
             .into_iter()
             .map(|(name, param)| {
-                let master = (param.kind() != Kind::Float).then(|| param.detach().to_kind(Kind::Float));
+                let master = (compute_kind != Kind::Float).then(|| param.detach().to_kind(Kind::Float).copy());
                 let zeros = || Tensor::zeros_like(master.as_ref().unwrap_or(&param)).to_kind(Kind::Float);
                 let decay = !(config.no_decay_1d && param.dim() <= 1);
                 let slot = Slot { m: zeros(), v: zeros(), master, param, decay };

@@ -1,3 +1,4 @@
 pub mod env;
+pub mod export;
 pub mod import_gguf;
 pub mod score;

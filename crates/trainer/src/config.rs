@@ -1,0 +1,396 @@
+//! The training run's TOML file. Every section denies unknown keys; every error names the key
+//! path, the bad value and what is allowed.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use longmix_data::SourceConfig;
+use longmix_model::FactorInit;
+use serde::{Deserialize, Serialize};
+
+use crate::optim::AdamWConfig;
+use crate::schedule::Decay;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model: ModelSection,
+    pub rope: RopeSection,
+    pub data: DataSection,
+    pub train: TrainSection,
+    #[serde(default)]
+    pub optim: AdamWConfig,
+    #[serde(default)]
+    pub schedule: ScheduleSection,
+    pub checkpoint: CheckpointSection,
+    #[serde(default)]
+    pub export: Option<ExportSection>,
+    #[serde(default)]
+    pub eval: EvalSection,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Hugging Face model folder.
+    pub path: PathBuf,
+    /// Compute dtype: f32, bf16 or f16 (masters and optimizer state stay float32).
+    #[serde(default = "default_f32")]
+    pub dtype: String,
+    /// auto, cpu, cuda or cuda:N.
+    #[serde(default = "default_auto")]
+    pub device: String,
+}
+
+/// The attention factor (magnitude scaling of cos/sin), applied to short and long rows alike,
+/// as transformers applies the exported one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AttentionFactor {
+    /// "longrope": sqrt(1 + ln(L/L0) / ln L0), what transformers derives when the config has
+    /// none; "none": 1.0.
+    Policy(String),
+    Value(f64),
+}
+
+impl Default for AttentionFactor {
+    fn default() -> Self {
+        AttentionFactor::Policy("longrope".into())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RopeSection {
+    /// The new window L.
+    pub target_length: i64,
+    /// L0; defaults to the model's original window.
+    #[serde(default)]
+    pub original_length: Option<i64>,
+    /// Long factors given inline (d_rot/2 numbers) ...
+    #[serde(default)]
+    pub long_factor: Option<Vec<f64>>,
+    /// ... or read from a factors file written by `longmix search` ...
+    #[serde(default)]
+    pub factors_file: Option<PathBuf>,
+    /// ... or initialised in closed form (default longrope-ntk-init).
+    #[serde(default)]
+    pub init: Option<FactorInit>,
+    /// Short factors (default all 1.0: short rows use the original RoPE, as LongRoPE2 does).
+    #[serde(default)]
+    pub short_factor: Option<Vec<f64>>,
+    #[serde(default)]
+    pub attention_factor: AttentionFactor,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    pub sources: Vec<SourceConfig>,
+    /// Fraction of rows that are short rows (documents <= L0, original RoPE).
+    #[serde(default = "default_short_share")]
+    pub short_share: f64,
+    /// Fraction of documents held out for `[eval]`.
+    #[serde(default = "default_eval_fraction")]
+    pub eval_fraction: f64,
+    /// Prepend BOS to every document (default: false).
+    #[serde(default)]
+    pub add_bos: bool,
+    /// Append EOS to every document (default: true).
+    #[serde(default = "default_true")]
+    pub add_eos: bool,
+    /// Where tokenized sources are cached.
+    #[serde(default = "default_cache_dir")]
+    pub cache_dir: PathBuf,
+    /// Rows built ahead on a background thread.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Optimizer steps (or give `tokens`).
+    #[serde(default)]
+    pub steps: Option<u64>,
+    /// Total training tokens, converted to steps.
+    #[serde(default)]
+    pub tokens: Option<u64>,
+    /// Tokens per row (T); every row, short or long, has exactly this many.
+    pub seq_len: usize,
+    /// Rows per forward/backward.
+    #[serde(default = "default_one")]
+    pub micro_batch_rows: usize,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "default_one")]
+    pub grad_accum: usize,
+    #[serde(default)]
+    pub seed: u64,
+    /// Recompute each layer in the backward pass (less memory, about a third more compute).
+    #[serde(default)]
+    pub checkpoint_layers: bool,
+    /// LM head + loss this many tokens at a time (0 = all at once).
+    #[serde(default)]
+    pub loss_chunk: i64,
+    /// CPU threads for LibTorch (default: LibTorch's choice).
+    #[serde(default)]
+    pub threads: Option<i32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSection {
+    #[serde(default)]
+    pub warmup_steps: u64,
+    #[serde(default = "default_decay")]
+    pub decay: Decay,
+    /// Final learning rate as a fraction of `optim.lr`.
+    #[serde(default = "default_min_lr_ratio")]
+    pub min_lr_ratio: f64,
+}
+
+impl Default for ScheduleSection {
+    fn default() -> Self {
+        ScheduleSection { warmup_steps: 0, decay: Decay::Cosine, min_lr_ratio: 0.1 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSection {
+    pub dir: PathBuf,
+    /// Save every N steps (0: only at the end and on SIGINT/SIGTERM).
+    #[serde(default)]
+    pub every: u64,
+    /// Keep the newest K checkpoints (0: all).
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportSection {
+    /// Where the final Hugging Face folder goes (must not exist).
+    pub dir: PathBuf,
+    #[serde(default = "default_bf16")]
+    pub dtype: String,
+    /// Shard size bound in MB.
+    #[serde(default = "default_shard_mb")]
+    pub max_shard_mb: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Held-out loss every N steps (0: only before and after training).
+    #[serde(default)]
+    pub every: u64,
+    #[serde(default = "default_eval_rows")]
+    pub short_rows: usize,
+    #[serde(default = "default_eval_rows")]
+    pub long_rows: usize,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection { every: 0, short_rows: 2, long_rows: 2 }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// JSONL metrics file (default: `<checkpoint.dir>/metrics.jsonl`).
+    #[serde(default)]
+    pub metrics: Option<PathBuf>,
+    /// Hide the progress bar (logs still go to stderr).
+    #[serde(default)]
+    pub no_progress: bool,
+}
+
+fn default_f32() -> String {
+    "f32".into()
+}
+fn default_bf16() -> String {
+    "bf16".into()
+}
+fn default_auto() -> String {
+    "auto".into()
+}
+fn default_short_share() -> f64 {
+    0.3
+}
+fn default_eval_fraction() -> f64 {
+    0.01
+}
+fn default_true() -> bool {
+    true
+}
+fn default_cache_dir() -> PathBuf {
+    PathBuf::from(".cache/tokens")
+}
+fn default_prefetch() -> usize {
+    4
+}
+fn default_one() -> usize {
+    1
+}
+fn default_decay() -> Decay {
+    Decay::Cosine
+}
+fn default_min_lr_ratio() -> f64 {
+    0.1
+}
+fn default_keep() -> usize {
+    3
+}
+fn default_shard_mb() -> u64 {
+    5000
+}
+fn default_eval_rows() -> usize {
+    2
+}
+
+impl TrainConfig {
+    /// Parse and validate `path`; relative paths inside are taken from the current directory.
+    pub fn read(path: &Path) -> Result<TrainConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("invalid config {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<TrainConfig> {
+        let de = toml::Deserializer::parse(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let cfg: TrainConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            anyhow::anyhow!("key `{path}`: {}", e.into_inner().message())
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks that need no files.
+    fn validate(&self) -> Result<()> {
+        let r = &self.rope;
+        let given = [r.long_factor.is_some(), r.factors_file.is_some(), r.init.is_some()].iter().filter(|x| **x).count();
+        if given > 1 {
+            bail!("key `rope`: give only one of `long_factor`, `factors_file` or `init`");
+        }
+        if let AttentionFactor::Policy(p) = &r.attention_factor {
+            if p != "longrope" && p != "none" {
+                bail!("key `rope.attention_factor`: {p:?} is not allowed; use \"longrope\", \"none\" or a number");
+            }
+        }
+        if let AttentionFactor::Value(v) = r.attention_factor {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("key `rope.attention_factor`: {v} must be a positive number");
+            }
+        }
+        let t = &self.train;
+        match (t.steps, t.tokens) {
+            (Some(_), Some(_)) => bail!("key `train`: give `steps` or `tokens`, not both"),
+            (None, None) => bail!("key `train`: give `steps` (optimizer steps) or `tokens` (total training tokens)"),
+            (Some(0), _) | (_, Some(0)) => bail!("key `train.steps`/`train.tokens`: must be > 0"),
+            _ => {}
+        }
+        if t.micro_batch_rows == 0 || t.grad_accum == 0 {
+            bail!("keys `train.micro_batch_rows` and `train.grad_accum` must be >= 1");
+        }
+        if t.loss_chunk < 0 {
+            bail!("key `train.loss_chunk`: {} must be >= 0 (0 = no chunking)", t.loss_chunk);
+        }
+        let d = &self.data;
+        if !(0.0..=1.0).contains(&d.short_share) {
+            bail!("key `data.short_share`: {} must be in [0, 1]", d.short_share);
+        }
+        if !(0.0..1.0).contains(&d.eval_fraction) {
+            bail!("key `data.eval_fraction`: {} must be in [0, 1)", d.eval_fraction);
+        }
+        if !(self.optim.lr > 0.0) {
+            bail!("key `optim.lr`: {} must be > 0", self.optim.lr);
+        }
+        if !(0.0..=1.0).contains(&self.schedule.min_lr_ratio) {
+            bail!("key `schedule.min_lr_ratio`: {} must be in [0, 1]", self.schedule.min_lr_ratio);
+        }
+        Ok(())
+    }
+
+    /// Tokens per optimizer step on one rank.
+    pub fn tokens_per_step(&self) -> u64 {
+        (self.train.seq_len * self.train.micro_batch_rows * self.train.grad_accum) as u64
+    }
+
+    /// Optimizer steps of the run (with `world` data-parallel ranks).
+    pub fn total_steps(&self, world: u64) -> u64 {
+        self.train.steps.unwrap_or_else(|| self.train.tokens.unwrap().div_ceil(self.tokens_per_step() * world))
+    }
+
+    pub fn metrics_path(&self) -> PathBuf {
+        self.log.metrics.clone().unwrap_or_else(|| self.checkpoint.dir.join("metrics.jsonl"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[model]
+path = "m"
+[rope]
+target_length = 32768
+[data]
+sources = [{ type = "text", path = "corpus" }]
+[train]
+steps = 10
+seq_len = 16384
+[checkpoint]
+dir = "runs/x"
+"#;
+
+    fn err(text: &str) -> String {
+        format!("{:#}", TrainConfig::parse(text).unwrap_err())
+    }
+
+    #[test]
+    fn minimal_config_has_sane_defaults() {
+        let c = TrainConfig::parse(MINIMAL).unwrap();
+        assert_eq!(c.optim.lr, 2e-5);
+        assert_eq!(c.data.short_share, 0.3);
+        assert_eq!(c.rope.attention_factor, AttentionFactor::Policy("longrope".into()));
+        assert_eq!(c.total_steps(1), 10);
+        assert_eq!(c.metrics_path(), PathBuf::from("runs/x/metrics.jsonl"));
+    }
+
+    #[test]
+    fn unknown_key_names_its_path() {
+        let e = err(&MINIMAL.replace("steps = 10", "steps = 10\nstesp = 3"));
+        assert!(e.contains("train") && e.contains("stesp"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_value() {
+        let e = err(&MINIMAL.replace("seq_len = 16384", "seq_len = \"long\""));
+        assert!(e.contains("`train.seq_len`") && e.contains("long"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_say_what_is_allowed() {
+        let e = err(&MINIMAL.replace("[rope]\n", "[rope]\nattention_factor = \"su\"\n"));
+        assert!(e.contains("rope.attention_factor") && e.contains("\"longrope\", \"none\" or a number"), "{e}");
+        let e = err(&MINIMAL.replace("[rope]\n", "[rope]\ninit = \"ntk\"\nlong_factor = [1.0]\n"));
+        assert!(e.contains("only one of"), "{e}");
+        let e = err(&MINIMAL.replace("[rope]\n", "[rope]\ninit = \"ntk-by-parts\"\n"));
+        assert!(e.contains("rope.init") && e.contains("ntk-by-parts"), "{e}");
+        let e = err(&MINIMAL.replace("steps = 10", "steps = 10\ntokens = 5"));
+        assert!(e.contains("not both"), "{e}");
+    }
+
+    #[test]
+    fn tokens_become_steps() {
+        let c = TrainConfig::parse(&MINIMAL.replace("steps = 10", "tokens = 100000")).unwrap();
+        assert_eq!(c.total_steps(1), 7); // ceil(100000 / 16384)
+        assert_eq!(c.total_steps(2), 4);
+    }
+}
