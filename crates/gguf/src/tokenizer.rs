@@ -20,7 +20,14 @@ mod token_type {
 }
 
 /// The `tokenizer.ggml.pre` values this crate maps, for messages.
-pub const SUPPORTED_PRE_TOKENIZERS: &[&str] = &["smollm", "starcoder", "gpt-2", "llama-bpe", "llama3", "llama-v3"];
+pub const SUPPORTED_PRE_TOKENIZERS: &[&str] = &[
+    "smollm",
+    "starcoder",
+    "gpt-2",
+    "llama-bpe",
+    "llama3",
+    "llama-v3",
+];
 
 /// LLaMA 3's split regex, as in its `tokenizer.json` and llama.cpp's `LLAMA_VOCAB_PRE_TYPE_LLAMA3`.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -39,24 +46,30 @@ pub struct HfTokenizer {
 
 /// Builds the tokenizer files. `model_max_length` goes into `tokenizer_config.json`.
 pub fn build_tokenizer(file: &GgufFile, model_max_length: usize) -> Result<HfTokenizer> {
-    let model = file.get_str("tokenizer.ggml.model")?.ok_or(GgufError::MissingMetadata {
-        key: "tokenizer.ggml.model".into(),
-        hint: "the file carries no tokenizer; use a GGUF converted with its tokenizer",
-    })?;
+    let model = file
+        .get_str("tokenizer.ggml.model")?
+        .ok_or(GgufError::MissingMetadata {
+            key: "tokenizer.ggml.model".into(),
+            hint: "the file carries no tokenizer; use a GGUF converted with its tokenizer",
+        })?;
     if model != "gpt2" {
         return Err(GgufError::Unsupported(format!(
             "tokenizer model {model:?} is not supported: only byte-level BPE (\"gpt2\", as in SmolLM, \
              StarCoder and LLaMA 3) can be rebuilt; SentencePiece (\"llama\") tokenizers cannot"
         )));
     }
-    let tokens = file.get_strings("tokenizer.ggml.tokens")?.ok_or(GgufError::MissingMetadata {
-        key: "tokenizer.ggml.tokens".into(),
-        hint: "the file carries no vocabulary; re-convert the model with llama.cpp",
-    })?;
-    let merges = file.get_strings("tokenizer.ggml.merges")?.ok_or(GgufError::MissingMetadata {
-        key: "tokenizer.ggml.merges".into(),
-        hint: "a BPE tokenizer needs its merges; re-convert the model with a current llama.cpp",
-    })?;
+    let tokens = file
+        .get_strings("tokenizer.ggml.tokens")?
+        .ok_or(GgufError::MissingMetadata {
+            key: "tokenizer.ggml.tokens".into(),
+            hint: "the file carries no vocabulary; re-convert the model with llama.cpp",
+        })?;
+    let merges = file
+        .get_strings("tokenizer.ggml.merges")?
+        .ok_or(GgufError::MissingMetadata {
+            key: "tokenizer.ggml.merges".into(),
+            hint: "a BPE tokenizer needs its merges; re-convert the model with a current llama.cpp",
+        })?;
     let types = match file.get_u64s("tokenizer.ggml.token_type")? {
         Some(types) if types.len() != tokens.len() => {
             return Err(GgufError::Inconsistent(format!(
@@ -78,15 +91,22 @@ pub fn build_tokenizer(file: &GgufFile, model_max_length: usize) -> Result<HfTok
         match file.get_u64(key)? {
             None => Ok(None),
             Some(id) if (id as usize) < tokens.len() => Ok(Some(id as u32)),
-            Some(id) => Err(GgufError::Inconsistent(format!("{key} is {id}, but the vocabulary has {} tokens", tokens.len()))),
+            Some(id) => Err(GgufError::Inconsistent(format!(
+                "{key} is {id}, but the vocabulary has {} tokens",
+                tokens.len()
+            ))),
         }
     };
     let bos = id_of("tokenizer.ggml.bos_token_id")?;
     let eos = id_of("tokenizer.ggml.eos_token_id")?;
     let unk = id_of("tokenizer.ggml.unknown_token_id")?;
     let pad = id_of("tokenizer.ggml.padding_token_id")?;
-    let add_bos = file.get_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
-    let add_eos = file.get_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
+    let add_bos = file
+        .get_bool("tokenizer.ggml.add_bos_token")?
+        .unwrap_or(false);
+    let add_eos = file
+        .get_bool("tokenizer.ggml.add_eos_token")?
+        .unwrap_or(false);
     let token = |id: Option<u32>| id.map(|id| tokens[id as usize]);
 
     // Control tokens are special added tokens; user-defined ones are added tokens matched
@@ -96,7 +116,11 @@ pub fn build_tokenizer(file: &GgufFile, model_max_length: usize) -> Result<HfTok
         .zip(&types)
         .enumerate()
         .filter(|(_, (_, &ty))| ty == token_type::CONTROL || ty == token_type::USER_DEFINED)
-        .map(|(id, (&content, &ty))| AddedToken { id: id as u32, content, special: ty == token_type::CONTROL })
+        .map(|(id, (&content, &ty))| AddedToken {
+            id: id as u32,
+            content,
+            special: ty == token_type::CONTROL,
+        })
         .collect();
 
     let vocab = Vocab::new(&tokens, &types)?;
@@ -104,20 +128,27 @@ pub fn build_tokenizer(file: &GgufFile, model_max_length: usize) -> Result<HfTok
         .iter()
         .map(|m| match m.split_once(' ') {
             Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(' ') => Ok((a, b)),
-            _ => Err(GgufError::Inconsistent(format!("BPE merge {m:?} is not two tokens separated by one space"))),
+            _ => Err(GgufError::Inconsistent(format!(
+                "BPE merge {m:?} is not two tokens separated by one space"
+            ))),
         })
         .collect::<Result<Vec<_>>>()?;
 
-    let byte_level_post = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
+    let byte_level_post = json!({
+        "type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true,
+    });
     let post_processor = if add_bos || add_eos {
         let with = |flag: bool, id: Option<u32>, what: &str| -> Result<Option<(&str, u32)>> {
             match (flag, id) {
                 (false, _) => Ok(None),
                 (true, Some(id)) => Ok(Some((tokens[id as usize], id))),
-                (true, None) => Err(GgufError::Inconsistent(format!("tokenizer.ggml.add_{what}_token is set but there is no {what} token id"))),
+                (true, None) => Err(GgufError::Inconsistent(format!(
+                    "tokenizer.ggml.add_{what}_token is set but there is no {what} token id"
+                ))),
             }
         };
-        json!({"type": "Sequence", "processors": [byte_level_post, template(with(add_bos, bos, "bos")?, with(add_eos, eos, "eos")?)]})
+        let template = template(with(add_bos, bos, "bos")?, with(add_eos, eos, "eos")?);
+        json!({"type": "Sequence", "processors": [byte_level_post, template]})
     } else {
         byte_level_post
     };
@@ -130,7 +161,9 @@ pub fn build_tokenizer(file: &GgufFile, model_max_length: usize) -> Result<HfTok
         normalizer: None,
         pre_tokenizer,
         post_processor,
-        decoder: json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
+        decoder: json!({
+            "type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true,
+        }),
         model: BpeModel {
             kind: "BPE",
             dropout: None,
@@ -144,14 +177,21 @@ pub fn build_tokenizer(file: &GgufFile, model_max_length: usize) -> Result<HfTok
             merges,
         },
     };
-    let tokenizer_json =
-        serde_json::to_string(&tokenizer).map_err(|source| GgufError::Json { file: "tokenizer.json", source })?;
+    let tokenizer_json = serde_json::to_string(&tokenizer).map_err(|source| GgufError::Json {
+        file: "tokenizer.json",
+        source,
+    })?;
 
     let mut config = Map::new();
     config.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
     config.insert("add_bos_token".into(), json!(add_bos));
     config.insert("add_eos_token".into(), json!(add_eos));
-    for (key, id) in [("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad)] {
+    for (key, id) in [
+        ("bos_token", bos),
+        ("eos_token", eos),
+        ("unk_token", unk),
+        ("pad_token", pad),
+    ] {
         if let Some(text) = token(id) {
             config.insert(key.into(), json!(text));
         }
@@ -164,7 +204,10 @@ pub fn build_tokenizer(file: &GgufFile, model_max_length: usize) -> Result<HfTok
     let decoder: Map<String, Json> = added
         .iter()
         .map(|t| {
-            let entry = json!({"content": t.content, "lstrip": false, "normalized": false, "rstrip": false, "single_word": false, "special": t.special});
+            let entry = json!({
+                "content": t.content, "lstrip": false, "normalized": false, "rstrip": false,
+                "single_word": false, "special": t.special,
+            });
             (t.id.to_string(), entry)
         })
         .collect();
@@ -188,7 +231,11 @@ pub fn build_tokenizer(file: &GgufFile, model_max_length: usize) -> Result<HfTok
 ///
 /// Other values are refused rather than guessed: a wrong split tokenizes silently differently.
 pub fn pre_tokenizer(pre: &str) -> Result<Json> {
-    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let byte_level = |use_regex: bool| {
+        json!({
+            "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex,
+        })
+    };
     match pre {
         "smollm" | "starcoder" => Ok(json!({
             "type": "Sequence",
@@ -227,7 +274,9 @@ fn template(bos: Option<(&str, u32)>, eos: Option<(&str, u32)>) -> Json {
         .chain(eos)
         .map(|(t, id)| (t.to_string(), json!({"id": t, "ids": [id], "tokens": [t]})))
         .collect();
-    json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": special_tokens})
+    json!({
+        "type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": special_tokens,
+    })
 }
 
 #[derive(serde::Serialize)]
@@ -296,7 +345,11 @@ impl<'a> Vocab<'a> {
             let spelled: std::borrow::Cow<str> = if added || token.chars().all(in_alphabet) {
                 token.into()
             } else {
-                token.bytes().map(|b| alphabet[b as usize]).collect::<String>().into()
+                token
+                    .bytes()
+                    .map(|b| alphabet[b as usize])
+                    .collect::<String>()
+                    .into()
             };
             if let Some(first) = seen.insert(spelled.clone(), id) {
                 return Err(GgufError::Inconsistent(format!(
@@ -346,7 +399,8 @@ mod tests {
         assert_eq!(a[b' ' as usize], 'Ġ');
         assert_eq!(a[b'\n' as usize], 'Ċ');
         assert_eq!(a[b'a' as usize], 'a');
-        assert_eq!(a[0xAD], 'ł');
+        assert_eq!(a[0xA0], 'ł');
+        assert_eq!(a[0xAD], 'Ń');
         let distinct: std::collections::HashSet<char> = a.iter().copied().collect();
         assert_eq!(distinct.len(), 256);
     }
@@ -354,6 +408,9 @@ mod tests {
     #[test]
     fn unknown_pre_tokenizer_is_refused() {
         let err = pre_tokenizer("deepseek-llm").unwrap_err().to_string();
-        assert!(err.contains("deepseek-llm") && err.contains("smollm"), "{err}");
+        assert!(
+            err.contains("deepseek-llm") && err.contains("smollm"),
+            "{err}"
+        );
     }
 }
