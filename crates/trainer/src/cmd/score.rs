@@ -34,6 +34,10 @@ pub struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Save the first window's input ids and its logits at 32 spread positions (including the
+    /// last) to this safetensors file, for cross-checks against other implementations.
+    #[arg(long)]
+    save_logits: Option<PathBuf>,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -60,6 +64,9 @@ pub fn run(a: Args) -> Result<()> {
     let bar = ProgressBar::new(windows.len() as u64).with_style(
         ProgressStyle::with_template("scoring {bar:30} {pos}/{len} windows  {per_sec}  eta {eta}").unwrap(),
     );
+    if let Some(path) = &a.save_logits {
+        save_logits(&lm.model, windows[0], device, path)?;
+    }
     let t0 = std::time::Instant::now();
     let (mut nll, mut count) = (0.0f64, 0i64);
     for w in &windows {
@@ -89,5 +96,21 @@ pub fn run(a: Args) -> Result<()> {
             windows.len()
         );
     }
+    Ok(())
+}
+
+fn save_logits(model: &longmix_model::CausalLm, ids: &[i64], device: tch::Device, path: &std::path::Path) -> Result<()> {
+    let n = ids.len() as i64;
+    let input = Tensor::from_slice(ids).unsqueeze(0);
+    let pos = Tensor::arange(n, (Kind::Int64, device)).unsqueeze(0);
+    let picks: Vec<i64> = {
+        let mut p: Vec<i64> = (0..32).map(|i| i * (n - 1) / 31).collect();
+        p.dedup();
+        p
+    };
+    let logits = tch::no_grad(|| model.forward(&input.to_device(device), &pos));
+    let at = logits.get(0).index_select(0, &Tensor::from_slice(&picks).to_device(device)).to_device(tch::Device::Cpu);
+    Tensor::write_safetensors(&[("input_ids", input), ("positions", Tensor::from_slice(&picks)), ("logits", at)], path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
