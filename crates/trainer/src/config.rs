@@ -388,6 +388,21 @@ dir = "runs/x"
     }
 
     #[test]
+    fn shipped_configs_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.ends_with(".toml") && !name.starts_with("search") {
+                TrainConfig::read(&path).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 3, "expected the demo and the two real-size recipes, found {n}");
+    }
+
+    #[test]
     fn tokens_become_steps() {
         let c = TrainConfig::parse(&MINIMAL.replace("steps = 10", "tokens = 100000")).unwrap();
         assert_eq!(c.total_steps(1), 7); // ceil(100000 / 16384)
