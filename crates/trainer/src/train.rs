@@ -269,6 +269,17 @@ pub fn run(args: Args) -> Result<()> {
     // Weights load in float32 (the optimizer's masters); the model then computes in `kind`.
     let mut lm = load_model(&cfg.model.path, Kind::Float, device)?;
     let resume_dir = args.resume.as_deref().map(|a| find_resume(&cfg, a)).transpose()?;
+    if resume_dir.is_none() && !checkpoint::list(&cfg.checkpoint.dir).is_empty() {
+        bail!(
+            "{} already holds checkpoints: pass --resume to continue that run, or set checkpoint.dir to a new folder",
+            cfg.checkpoint.dir.display()
+        );
+    }
+    if let Some(e) = &cfg.export {
+        if e.dir.exists() {
+            bail!("key `export.dir`: {} already exists; remove it or choose another folder", e.dir.display());
+        }
+    }
     let resumed: Option<TrainerState> = match &resume_dir {
         Some(d) => Some(serde_json::from_str(&std::fs::read_to_string(d.join("trainer_state.json"))?)?),
         None => None,

@@ -95,6 +95,9 @@ fn resume_is_bitwise_exact() {
     let out = split.train(&["--stop-after", "3"]);
     assert!(out.contains("stopped at step 3"), "{out}");
     split.train(&["--resume"]);
+    let again = common::bin().args(["train", "--config", &split.config()]).output().unwrap();
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success() && err.contains("already holds checkpoints"), "{err}");
     let resumed = split.losses();
     assert_eq!(resumed.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6]);
     for ((s, a), (_, b)) in reference.iter().zip(&resumed) {
