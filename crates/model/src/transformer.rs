@@ -78,6 +78,14 @@ impl Attention {
     }
 
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, plan: &Plan) -> Tensor {
+        let (q, k, v) = self.project(x);
+        let q = apply_rotary(&q, cos, sin);
+        let k = apply_rotary(&k, cos, sin);
+        self.output(&plan.attend(&q, &k, &v))
+    }
+
+    /// The unrotated projections in heads layout: q `[B, H, T, D]`, k and v `[B, H_kv, T, D]`.
+    pub(crate) fn project(&self, x: &Tensor) -> (Tensor, Tensor, Tensor) {
         let (b, t) = (x.size()[0], x.size()[1]);
         let (q, k, v) = match &self.qkv {
             QkvProj::Split { q, k, v } => (q.forward(x), k.forward(x), v.forward(x)),
@@ -90,10 +98,12 @@ impl Attention {
             }
         };
         let heads = |x: Tensor, n: i64| x.view([b, t, n, self.head_dim]).transpose(1, 2);
-        let q = apply_rotary(&heads(q, self.n_heads), cos, sin);
-        let k = apply_rotary(&heads(k, self.n_kv_heads), cos, sin);
-        let v = heads(v, self.n_kv_heads);
-        let y = plan.attend(&q, &k, &v);
+        (heads(q, self.n_heads), heads(k, self.n_kv_heads), heads(v, self.n_kv_heads))
+    }
+
+    /// The output projection of attention results `y` `[B, H, T, D]`.
+    pub(crate) fn output(&self, y: &Tensor) -> Tensor {
+        let (b, t) = (y.size()[0], y.size()[2]);
         self.o_proj.forward(&y.transpose(1, 2).reshape([b, t, self.n_heads * self.head_dim]))
     }
 }
@@ -153,6 +163,15 @@ impl DecoderLayer {
         let h = x + self.self_attn.forward(&self.input_layernorm.forward(x), cos, sin, plan);
         &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h))
     }
+
+    /// The layer with the attention core supplied by the caller (KV-cached decoding, STRING):
+    /// `attend(q, k, v)` gets the **unrotated** projections (q `[B, H, T, D]`, k and v
+    /// `[B, H_kv, T, D]`) and returns the attention result `[B, H, T, D]`.
+    pub(crate) fn forward_with(&self, x: &Tensor, attend: &mut dyn FnMut(Tensor, Tensor, Tensor) -> Tensor) -> Tensor {
+        let (q, k, v) = self.self_attn.project(&self.input_layernorm.forward(x));
+        let h = x + self.self_attn.output(&attend(q, k, v));
+        &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h))
+    }
 }
 
 /// Per-forward inputs shared by every layer: rotary tables and the attention plan.
@@ -199,6 +218,16 @@ impl CausalLm {
             x = layer.forward(&x, &pos.cos, &pos.sin, &pos.plan);
         }
         self.norm.forward(&x)
+    }
+
+    /// Token embeddings `[B, T, hidden]` of `input_ids`.
+    pub(crate) fn embed(&self, input_ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false)
+    }
+
+    /// Float32 logits of final hidden states (`[..., hidden]` -> `[..., vocab]`).
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        hidden.matmul(&self.lm_head_weight().tr()).to_kind(Kind::Float)
     }
 
     /// The output projection `[vocab, hidden]` (the embedding matrix when tied).

@@ -30,6 +30,14 @@ enum Command {
     Train(train::Args),
     /// Turn a training checkpoint into a Hugging Face folder with the extended window.
     Export(cmd::export::Args),
+    /// Long-context evaluation: ppl, passkey, niah
+    Eval(cmd::eval::Args),
+    /// Greedy/sampled generation with a KV cache
+    Generate(cmd::generate::Args),
+    /// Search LongRoPE rescale factors (LongRoPE2 critical-dimension or LongRoPE v1)
+    Search(cmd::search::Args),
+    /// Needle-driven perplexity at a target length under closed-form or searched factors.
+    NeedlePpl(cmd::needle_ppl::Args),
 }
 
 fn main() {
@@ -46,6 +54,10 @@ fn main() {
         Command::Score(a) => cmd::score::run(a),
         Command::Train(a) => train::run(a),
         Command::Export(a) => cmd::export::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
+        Command::Generate(a) => cmd::generate::run(a),
+        Command::Search(a) => cmd::search::run(a),
+        Command::NeedlePpl(a) => cmd::needle_ppl::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

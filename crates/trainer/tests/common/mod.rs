@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use longmix_model::{export_hf, CausalLm, ExportOptions, ModelConfig};
-use tch::{nn, Device, Kind};
+use tch::{nn, Device, Kind, Tensor};
 
 pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
@@ -50,9 +50,29 @@ pub fn tiny_model(dir: &Path) {
         "bos_token_id": 1, "eos_token_id": 2,
     });
     let config = ModelConfig::from_json_str(&cfg.to_string()).unwrap();
-    tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
     let _model = CausalLm::new(&vs.root(), config.clone());
+    // Fill the weights from a local generator, not LibTorch's global RNG: tests run in parallel
+    // threads, and another test drawing from the global RNG would make two "identical" tiny
+    // models differ.
+    let mut vars: Vec<_> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    for (name, var) in vars {
+        let n = var.numel();
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                let u = ((z ^ (z >> 31)) >> 11) as f32 / (1u64 << 53) as f32; // [0, 1)
+                let x = (u - 0.5) * 0.2;
+                if name.ends_with("layernorm.weight") || name.ends_with("norm.weight") { 1.0 + x } else { x }
+            })
+            .collect();
+        tch::no_grad(|| var.shallow_clone().copy_(&Tensor::from_slice(&values).view(var.size().as_slice())));
+    }
     let opts = ExportOptions { dtype: Kind::Float, max_shard_bytes: 1 << 30, rope: None };
     export_hf(&vs, &config, Some(&smollm2()), dir, &opts).unwrap();
 }

@@ -1,0 +1,3 @@
+fn main() {
+    longmix_build::link_libtorch();
+}

@@ -1,0 +1,195 @@
+//! `longmix search` as a library call: config → model, needle samples, search space → the
+//! evolutionary search with needle-driven PPL as fitness → a factors file.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use longmix_data::{Corpus, TokenizerInfo};
+use longmix_model::{critical_dim, init_factors, load_model, FactorInit, FactorsFile, LoadedModel};
+use serde_json::json;
+use tch::{Device, Kind};
+
+use crate::config::{units_per_one, AddBos, CriticalDim, SearchConfig, V1Init};
+use crate::ga::{method_name, GaParams, InitPopulation, RunOptions, Search, SearchResult};
+use crate::needle::{build_samples, longrope, needle_ppl, own_short_factors, pick_documents, tokenizer_bos, NeedleOptions, NeedleSample, T1};
+use crate::space::{Mode, Space};
+
+/// Where the needle documents and samples come from.
+#[derive(Debug, Clone)]
+pub struct NeedleData<'a> {
+    pub sources: &'a [longmix_data::SourceConfig],
+    pub cache_dir: &'a Path,
+    pub samples: usize,
+    pub documents: usize,
+    pub seed: u64,
+    pub add_bos: AddBos,
+}
+
+/// Build the needle samples of length `length` for the model in `model_dir`.
+pub fn needle_samples(model_dir: &Path, bos_token_id: Option<i64>, length: usize, data: &NeedleData) -> Result<Vec<NeedleSample>> {
+    let tok_path = model_dir.join("tokenizer.json");
+    let tok = TokenizerInfo::load(&tok_path)?;
+    let bos = match data.add_bos {
+        AddBos::Auto => tokenizer_bos(&tok.tokenizer)?,
+        AddBos::No => None,
+        AddBos::Yes => match bos_token_id.map(|b| b as u32).or(tokenizer_bos(&tok.tokenizer)?) {
+            Some(b) => Some(b),
+            None => bail!("key `needle.add_bos`: true, but neither config.json nor the tokenizer names a BOS token; set it to false or \"auto\""),
+        },
+    };
+    let corpus = Corpus::open(data.sources, &tok, data.cache_dir)?;
+    let prefix = bos.is_some() as usize
+        + tok.tokenizer.encode(T1, false).map_err(|e| anyhow::anyhow!("{e}"))?.get_ids().len();
+    let docs = pick_documents(&corpus, length.saturating_sub(prefix), length, data.documents, data.seed)?;
+    let opts = NeedleOptions { length, samples: data.samples, documents: data.documents, seed: data.seed, bos };
+    build_samples(&tok.tokenizer, &docs, &opts)
+}
+
+/// FNV-1a over the samples' tokens: the fitness data's identity.
+pub fn samples_hash(samples: &[NeedleSample]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for s in samples {
+        for &t in s.input_ids.iter().chain(s.targets.iter()) {
+            for b in t.to_le_bytes() {
+                h ^= b as u64;
+                h = h.wrapping_mul(0x0000_0100_0000_01B3);
+            }
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// What a finished (or stopped) search produced.
+pub struct SearchOutcome {
+    pub result: SearchResult,
+    /// Written to `output.factors` when the search finished.
+    pub factors: FactorsFile,
+    pub output: Option<PathBuf>,
+    pub critical_dim: Option<usize>,
+    pub space: Space,
+    pub attention_factor: f64,
+    pub samples: usize,
+}
+
+/// Run `cfg` on `device` in `kind`; `restart` discards the state folder first.
+pub fn run_search(cfg: &SearchConfig, device: Device, kind: Kind, opts: &RunOptions, restart: bool) -> Result<SearchOutcome> {
+    if let Some(t) = cfg.model.threads {
+        tch::set_num_threads(t);
+    }
+    let mut lm: LoadedModel = load_model(&cfg.model.path, kind, device)?;
+    let base = lm.model.config.rope.clone();
+    let l0 = cfg.rope.original_length.unwrap_or(base.original_max_position_embeddings);
+    let l = cfg.rope.target_length;
+    if l <= l0 {
+        bail!("key `rope.target_length`: {l} must exceed the original window L0 = {l0} (set rope.original_length to override L0)");
+    }
+    let s = l as f64 / l0 as f64;
+    let n = base.n_pairs() as usize;
+    let sc = &cfg.search;
+    let upo = units_per_one(sc.step).unwrap();
+    let (space, init, cd) = match sc.mode {
+        Mode::LongRope2 => {
+            let cd = match sc.critical_dim.unwrap_or_default() {
+                CriticalDim::Auto => critical_dim(base.theta, base.d_rot, l0),
+                CriticalDim::Given(cd) => cd,
+            };
+            if cd < 1 || cd as usize >= n {
+                bail!("key `search.critical_dim`: {cd} must be between 1 and d_rot/2 - 1 = {} for this model", n - 1);
+            }
+            let ls = sc.length_scale.unwrap_or(2.0 * s);
+            if ls <= s {
+                bail!("key `search.length_scale`: {ls} must exceed s = L/L0 = {s} (LongRoPE2 uses 2·s = {})", 2.0 * s);
+            }
+            (Space::longrope2(n, cd as usize, s, ls, upo), InitPopulation::LongRope2Seeds, Some(cd as usize))
+        }
+        Mode::LongRope => {
+            let ls = sc.length_scale.unwrap_or(1.0 + s);
+            if ls < s {
+                bail!("key `search.length_scale`: {ls} must be at least s = L/L0 = {s} (LongRoPE v1 uses 1 + s = {})", 1.0 + s);
+            }
+            let space = Space::longrope(n, ls, upo);
+            let which = match sc.init.unwrap_or(V1Init::Yarn) {
+                V1Init::Pi => FactorInit::Pi,
+                V1Init::Ntk => FactorInit::Ntk,
+                V1Init::Yarn => FactorInit::Yarn,
+            };
+            let start = space.from_factors(&init_factors(which, base.theta, base.d_rot, l0, l));
+            (space, InitPopulation::From(start), None)
+        }
+    };
+    let data = NeedleData {
+        sources: &cfg.needle.sources,
+        cache_dir: &cfg.needle.cache_dir,
+        samples: cfg.needle.samples,
+        documents: cfg.needle.documents,
+        seed: cfg.needle.seed,
+        add_bos: cfg.needle.add_bos,
+    };
+    let samples = needle_samples(&cfg.model.path, lm.model.config.bos_token_id, l as usize, &data)?;
+    let short = own_short_factors(&base)?;
+    let attention_factor = cfg.rope.attention_factor.value(s, l0);
+    let model_path = std::fs::canonicalize(&cfg.model.path).unwrap_or_else(|_| cfg.model.path.clone());
+    let search = Search {
+        space: space.clone(),
+        params: GaParams {
+            population: sc.population,
+            parents: sc.parents,
+            mutations: sc.mutations,
+            crossovers: sc.crossovers,
+            iterations: sc.iterations,
+            mutation_probability: sc.mutation_probability,
+            max_mutation_tries: sc.max_mutation_tries,
+            max_crossover_tries: sc.max_crossover_tries,
+            seed: sc.seed,
+        },
+        init,
+        state_dir: Some(cfg.output.state_dir.clone()),
+        fitness_id: json!({
+            "model": model_path, "dtype": cfg.model.dtype, "target_length": l, "original_length": l0,
+            "attention_factor": attention_factor, "samples": samples.len(), "samples_hash": samples_hash(&samples),
+        }),
+    };
+    if restart {
+        search.clear_state()?;
+    }
+    let batch = cfg.needle.batch_size;
+    let mut fitness = |long: &[f64]| -> Result<f64> {
+        lm.model.config.rope = longrope(&base, long, &short, attention_factor, l0);
+        Ok(needle_ppl(&lm.model, &samples, batch)?.ppl)
+    };
+    let result = search.run(&mut fitness, opts).context("search failed")?;
+    let factors = FactorsFile {
+        long_factor: result.long_factor.clone(),
+        short_factor: Some(short.clone()),
+        target_length: l,
+        original_length: l0,
+        notes: json!({
+            "method": sc.mode.name(),
+            "description": method_name(sc.mode),
+            "fitness": result.best.fitness,
+            "fitness_metric": "needle-driven perplexity: exp(mean NLL over the answer tokens)",
+            "iteration": result.iteration,
+            "critical_dim": cd,
+            "initial_best_fitness": result.initial.best,
+            "initial_mean_fitness": result.initial.mean,
+            "evaluations": result.evaluations,
+            "attention_factor": attention_factor,
+            "length_scale": space.value(space.hi),
+            "step": sc.step,
+            "needle_samples": samples.len(),
+            "needle_seed": cfg.needle.seed,
+            "search_seed": sc.seed,
+            "model": model_path,
+        }),
+    };
+    let output = if result.finished {
+        if let Some(dir) = cfg.output.factors.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        factors.write(&cfg.output.factors)?;
+        Some(cfg.output.factors.clone())
+    } else {
+        None
+    };
+    Ok(SearchOutcome { result, factors, output, critical_dim: cd, space, attention_factor, samples: samples.len() })
+}
