@@ -30,6 +30,9 @@ pub fn smollm2() -> PathBuf {
     if let Ok(dir) = std::env::var("LONGMIX_SMOLLM2_DIR") {
         return PathBuf::from(dir);
     }
+    // Tests of one binary run in parallel threads: import at most once at a time.
+    static IMPORT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = IMPORT.lock().unwrap_or_else(|e| e.into_inner());
     let dir = workspace().join(".cache/models/smollm2-135m");
     if !dir.join("config.json").exists() {
         let gguf = workspace().join(".cache/pkgs/SmolLM2-135M-Instruct.Q4_1.gguf");
