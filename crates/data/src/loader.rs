@@ -436,7 +436,7 @@ impl Loader {
             eos: self.config.eos_id.filter(|_| self.config.add_eos),
         };
         let st = &mut self.state;
-        let (source, pieces) = match row_kind(index, self.config.short_share, self.config.seed) {
+        let (source, pieces) = match row_kind(index, self.config.short_share) {
             RowKind::Short => {
                 let s = pick_source(&self.eligible_short, &self.weights, &st.short_rows);
                 st.short_rows[s] += 1;

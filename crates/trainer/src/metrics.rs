@@ -21,8 +21,33 @@ pub fn peak_rss_mb() -> f64 {
 }
 
 impl Metrics {
-    /// Open `path`; `append` keeps earlier lines (a resumed run), otherwise it starts empty.
-    pub fn open(path: &Path, append: bool) -> Result<Metrics> {
+    /// Open `path` for a fresh run: earlier lines are discarded.
+    pub fn create(path: &Path) -> Result<Metrics> {
+        Self::open(path, false)
+    }
+
+    /// Open `path` for a run resumed at `step`: lines of later steps (written by the run that went
+    /// past the checkpoint being resumed) are dropped first, so every step appears once.
+    pub fn resume(path: &Path, step: u64) -> Result<Metrics> {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            let kept: String = text
+                .lines()
+                .filter(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+                    v.get("step").and_then(|s| s.as_u64()).is_none_or(|s| s <= step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            if kept.len() != text.len() {
+                let tmp = path.with_extension("jsonl.tmp");
+                std::fs::write(&tmp, kept).with_context(|| format!("cannot write {}", tmp.display()))?;
+                std::fs::rename(&tmp, path)?;
+            }
+        }
+        Self::open(path, true)
+    }
+
+    fn open(path: &Path, append: bool) -> Result<Metrics> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }

@@ -331,7 +331,10 @@ pub fn run(args: Args) -> Result<()> {
         checkpoint_layers: cfg.train.checkpoint_layers,
         loss_chunk: (cfg.train.loss_chunk > 0).then_some(cfg.train.loss_chunk),
     };
-    let mut metrics = Metrics::open(&cfg.metrics_path(), resume_dir.is_some())?;
+    let mut metrics = match resume_dir {
+        Some(_) => Metrics::resume(&cfg.metrics_path(), state.step)?,
+        None => Metrics::create(&cfg.metrics_path())?,
+    };
     let held_out = |lm: &LoadedModel| (eval_loss(lm, &eval_short, device), eval_loss(lm, &eval_long, device));
     if state.step == 0 {
         let (s, l) = held_out(&lm);
