@@ -21,4 +21,4 @@ pub use memory::{MemoryOptions, StepLoss};
 pub use load::{load_model, load_tokenizer, LoadedModel};
 pub use rope::{RopeConfig, RopeScaling, Window};
 pub use string::StringConfig;
-pub use transformer::{next_token_targets, CausalLm, IGNORE_INDEX};
+pub use transformer::{next_token_targets, CausalLm, IGNORE_INDEX, NLL_CHUNK};

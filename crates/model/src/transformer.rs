@@ -242,20 +242,41 @@ impl CausalLm {
 
     /// Summed next-token NLL (a differentiable 0-dim float32 tensor) and the number of scored
     /// tokens. `targets[b, t]` is the token that position t must predict, or [`IGNORE_INDEX`].
+    /// Positions without a target skip the LM head, and the head runs [`NLL_CHUNK`] positions
+    /// at a time, so `[tokens, vocab]` logits never exist in full (a 128k-token row with a
+    /// 128k vocabulary would need 64 GB of float32 logits).
     pub fn nll(&self, input_ids: &Tensor, position_ids: &Tensor, targets: &Tensor) -> (Tensor, i64) {
-        let logits = self.forward(input_ids, position_ids);
-        let v = logits.size()[2];
-        let loss = logits.view([-1, v]).cross_entropy_loss::<Tensor>(
-            &targets.view([-1]),
-            None,
-            Reduction::Sum,
-            IGNORE_INDEX,
-            0.0,
-        );
-        let count = targets.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]);
+        let hidden = self.hidden_states(input_ids, position_ids);
+        let h = hidden.size()[2];
+        let flat_targets = targets.reshape([-1]);
+        let keep = flat_targets.ne(IGNORE_INDEX).nonzero().squeeze_dim(1);
+        let count = keep.size()[0];
+        let hidden = hidden.reshape([-1, h]).index_select(0, &keep);
+        let targets = flat_targets.index_select(0, &keep);
+        if count == 0 {
+            // Nothing to score: a zero that stays attached to the graph.
+            return (hidden.sum(Kind::Float) * 0.0, 0);
+        }
+        let parts: Vec<Tensor> = (0..count)
+            .step_by(NLL_CHUNK as usize)
+            .map(|start| {
+                let len = NLL_CHUNK.min(count - start);
+                self.logits(&hidden.narrow(0, start, len)).cross_entropy_loss::<Tensor>(
+                    &targets.narrow(0, start, len),
+                    None,
+                    Reduction::Sum,
+                    IGNORE_INDEX,
+                    0.0,
+                )
+            })
+            .collect();
+        let loss = Tensor::stack(&parts, 0).sum(Kind::Float);
         (loss, count)
     }
 }
+
+/// Positions per LM-head chunk in [`CausalLm::nll`].
+pub const NLL_CHUNK: i64 = 2048;
 
 /// Next-token targets for rows of packed documents: `targets[t] = input_ids[t + 1]` inside a
 /// document; the last token of each document (whose successor starts another document or lies

@@ -72,3 +72,28 @@ fn llama_tied_embeddings_same_gradients() {
 fn phi3_partial_rotary_longrope_same_gradients() {
     check("phi3_longrope_partial");
 }
+
+#[test]
+fn nll_over_several_head_chunks_equals_full_logits() {
+    // 2 rows x 2600 positions: more than two NLL_CHUNKs of scored positions, with document
+    // boundaries (ignored targets) in the middle of a chunk.
+    let m = load("llama_gqa_tied");
+    let t = 2600;
+    assert!(2 * t > 2 * longmix_model::NLL_CHUNK);
+    tch::manual_seed(3);
+    let ids = Tensor::randint(m.model.config.vocab_size, [2, t], (Kind::Int64, Device::Cpu));
+    let packed: Vec<i64> = [1000, 1600].iter().flat_map(|&n| 0..n).collect();
+    let pos = Tensor::stack(&[Tensor::from_slice(&packed), Tensor::arange(t, (Kind::Int64, Device::Cpu))], 0);
+    let targets = next_token_targets(&ids, &pos);
+    let (nll, n) = tch::no_grad(|| m.model.nll(&ids, &pos, &targets));
+    assert_eq!(n, 2 * t - 3);
+    let full = tch::no_grad(|| {
+        let logits = m.model.forward(&ids, &pos);
+        logits.view([-1, m.model.config.vocab_size]).log_softmax(-1, Kind::Double)
+    });
+    let flat = targets.view([-1]);
+    let keep = flat.ne(-100);
+    let want = -full.gather(1, &flat.clamp_min(0).unsqueeze(1), false).squeeze_dim(1).masked_select(&keep).sum(Kind::Double);
+    let (got, want) = (nll.double_value(&[]), want.double_value(&[]));
+    assert!((got - want).abs() < 1e-5 * want.abs(), "chunked {got} vs full {want}");
+}
