@@ -169,19 +169,31 @@ fn batch(rows: &[Row], device: Device) -> (Tensor, Tensor, Tensor) {
     (stack(|r| &r.input_ids), stack(|r| &r.position_ids), stack(|r| &r.targets))
 }
 
-/// Held-out mean NLL of `rows` (None if there are none).
-fn eval_loss(lm: &LoadedModel, rows: &[Row], device: Device) -> Option<f64> {
-    if rows.is_empty() {
-        return None;
-    }
-    let (mut nll, mut n) = (0.0, 0);
-    for r in rows {
-        let (ids, pos, tgt) = batch(std::slice::from_ref(r), device);
-        let (s, c) = tch::no_grad(|| lm.model.nll(&ids, &pos, &tgt));
-        nll += s.double_value(&[]);
-        n += c;
-    }
-    Some(nll / n.max(1) as f64)
+/// Held-out mean NLL of the short and of the long rows (None for a kind without rows). `bar`
+/// counts rows: a long row's forward takes a minute on a small CPU.
+fn held_out(lm: &LoadedModel, short: &[Row], long: &[Row], device: Device, bar: &ProgressBar) -> (Option<f64>, Option<f64>) {
+    let loss = |rows: &[Row]| {
+        if rows.is_empty() {
+            return None;
+        }
+        let (mut nll, mut n) = (0.0, 0);
+        for r in rows {
+            let (ids, pos, tgt) = batch(std::slice::from_ref(r), device);
+            let (s, c) = tch::no_grad(|| lm.model.nll(&ids, &pos, &tgt));
+            nll += s.double_value(&[]);
+            n += c;
+            bar.inc(1);
+        }
+        Some(nll / n.max(1) as f64)
+    };
+    (loss(short), loss(long))
+}
+
+/// A progress bar for a held-out evaluation of `rows` rows on its own line.
+fn eval_bar(rows: usize, hidden: bool) -> ProgressBar {
+    let bar = if hidden { ProgressBar::hidden() } else { ProgressBar::new(rows as u64) };
+    bar.set_style(ProgressStyle::with_template("held-out eval {bar:20} {pos}/{len} rows  {elapsed}  eta {eta}").unwrap());
+    bar
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -335,9 +347,11 @@ pub fn run(args: Args) -> Result<()> {
         Some(_) => Metrics::resume(&cfg.metrics_path(), state.step)?,
         None => Metrics::create(&cfg.metrics_path())?,
     };
-    let held_out = |lm: &LoadedModel| (eval_loss(lm, &eval_short, device), eval_loss(lm, &eval_long, device));
+    let n_eval = eval_short.len() + eval_long.len();
     if state.step == 0 {
-        let (s, l) = held_out(&lm);
+        let bar = eval_bar(n_eval, cfg.log.no_progress);
+        let (s, l) = held_out(&lm, &eval_short, &eval_long, device, &bar);
+        bar.finish_and_clear();
         metrics.eval(0, s, l)?;
         println!("held-out loss before training: short {}  long {}", fmt_opt(s), fmt_opt(l));
     }
@@ -384,8 +398,10 @@ pub fn run(args: Args) -> Result<()> {
         bar.set_message(format!("loss {loss:.4}  {:.0} tok/s  peak RSS {:.0} MB", tokens as f64 / secs, peak_rss_mb()));
         bar.inc(1);
         if cfg.eval.every > 0 && state.step % cfg.eval.every == 0 {
-            let (s, l) = held_out(&lm);
+            bar.set_message(format!("held-out eval of {n_eval} rows"));
+            let (s, l) = held_out(&lm, &eval_short, &eval_long, device, &ProgressBar::hidden());
             metrics.eval(state.step, s, l)?;
+            bar.println(format!("step {}: held-out loss short {}  long {}", state.step, fmt_opt(s), fmt_opt(l)));
         }
         let stop_now = STOP.load(Ordering::SeqCst) || args.stop_after.is_some_and(|n| state.step - run_start >= n);
         let periodic = cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0;
@@ -400,7 +416,9 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     bar.finish();
-    let (s, l) = held_out(&lm);
+    let bar = eval_bar(n_eval, cfg.log.no_progress);
+    let (s, l) = held_out(&lm, &eval_short, &eval_long, device, &bar);
+    bar.finish_and_clear();
     metrics.eval(state.step, s, l)?;
     println!("held-out loss after training:  short {}  long {}", fmt_opt(s), fmt_opt(l));
     if let Some(e) = &cfg.export {
