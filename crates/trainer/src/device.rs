@@ -3,6 +3,23 @@
 use anyhow::{bail, Result};
 use tch::{Device, Kind};
 
+/// `--device` and `--dtype` of the commands that load a model.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ComputeArgs {
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+impl ComputeArgs {
+    pub fn resolve(&self) -> Result<(Device, Kind)> {
+        Ok((parse_device(&self.device)?, parse_dtype(&self.dtype)?))
+    }
+}
+
 /// `auto` (CUDA if available), `cpu`, `cuda` or `cuda:N`.
 pub fn parse_device(s: &str) -> Result<Device> {
     Ok(match s {

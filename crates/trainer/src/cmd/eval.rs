@@ -15,7 +15,7 @@ use longmix_eval::{
 };
 use serde_json::{json, Value};
 
-use crate::device::{parse_device, parse_dtype};
+use crate::device::ComputeArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -102,12 +102,8 @@ struct Common {
     model: PathBuf,
     #[command(flatten)]
     rope: RopeArgs,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[command(flatten)]
+    compute: ComputeArgs,
     /// Write the results as JSON to this file (and the plot beside it as .png).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -258,8 +254,7 @@ struct Session {
 }
 
 fn open(c: &Common) -> Result<Session> {
-    let device = parse_device(&c.device)?;
-    let kind = parse_dtype(&c.dtype)?;
+    let (device, kind) = c.compute.resolve()?;
     let choice = c.rope.choice()?;
     let mut lm = longmix_model::load_model(&c.model, kind, device)?;
     let tok = longmix_model::load_tokenizer(&c.model)?;
@@ -277,8 +272,8 @@ fn envelope(c: &Common, s: &Session, task: &str, result: Value) -> Value {
         "label": s.label,
         "rope": s.applied.details,
         "seed": c.seed,
-        "device": c.device,
-        "dtype": c.dtype,
+        "device": c.compute.device,
+        "dtype": c.compute.dtype,
         "seconds": s.started.elapsed().as_secs_f64(),
         "result": result,
     })

@@ -11,7 +11,7 @@ use longmix_model::{DecodeOptions, GenerateOptions, Sampling};
 use serde_json::json;
 
 use super::eval::RopeArgs;
-use crate::device::{parse_device, parse_dtype};
+use crate::device::ComputeArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -44,12 +44,8 @@ pub struct Args {
     no_cache: bool,
     #[command(flatten)]
     rope: RopeArgs,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[command(flatten)]
+    compute: ComputeArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -66,8 +62,7 @@ pub fn run(a: Args) -> Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1], got {}", a.top_p);
     }
-    let device = parse_device(&a.device)?;
-    let kind = parse_dtype(&a.dtype)?;
+    let (device, kind) = a.compute.resolve()?;
     let mut lm = longmix_model::load_model(&a.model, kind, device)?;
     let tok = longmix_model::load_tokenizer(&a.model)?;
     let applied = a.rope.choice()?.apply(&mut lm.model.config)?;

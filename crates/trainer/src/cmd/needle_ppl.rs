@@ -19,7 +19,7 @@ use longmix_search::driver::{needle_samples, NeedleData};
 use longmix_search::needle::{longrope, needle_ppl, own_short_factors};
 use serde_json::json;
 
-use crate::device::{parse_device, parse_dtype};
+use crate::device::ComputeArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -66,12 +66,8 @@ pub struct Args {
     /// Rows per forward pass.
     #[arg(long, default_value_t = 1)]
     batch_size: usize,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[command(flatten)]
+    compute: ComputeArgs,
     /// CPU threads for LibTorch.
     #[arg(long)]
     threads: Option<i32>,
@@ -81,8 +77,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let device = parse_device(&a.device)?;
-    let kind = parse_dtype(&a.dtype)?;
+    let (device, kind) = a.compute.resolve()?;
     if let Some(t) = a.threads {
         tch::set_num_threads(t);
     }

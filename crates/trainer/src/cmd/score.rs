@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tch::{Kind, Tensor};
 
-use crate::device::{parse_device, parse_dtype};
+use crate::device::ComputeArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -25,12 +25,8 @@ pub struct Args {
     /// Window length in tokens (default: the model's original context window).
     #[arg(long)]
     max_len: Option<i64>,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[command(flatten)]
+    compute: ComputeArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -41,8 +37,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let device = parse_device(&a.device)?;
-    let kind = parse_dtype(&a.dtype)?;
+    let (device, kind) = a.compute.resolve()?;
     let text = std::fs::read_to_string(&a.text).with_context(|| format!("cannot read text file {}", a.text.display()))?;
     let lm = longmix_model::load_model(&a.model, kind, device)?;
     let tok = longmix_model::load_tokenizer(&a.model)?;
