@@ -27,14 +27,15 @@ impl Metrics {
     }
 
     /// Open `path` for a run resumed at `step`: lines of later steps (written by the run that went
-    /// past the checkpoint being resumed) are dropped first, so every step appears once.
+    /// past the checkpoint being resumed) and a line torn by a crash are dropped first, so every
+    /// step appears once and every line parses.
     pub fn resume(path: &Path, step: u64) -> Result<Metrics> {
         if let Ok(text) = std::fs::read_to_string(path) {
             let kept: String = text
                 .lines()
-                .filter(|l| {
-                    let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
-                    v.get("step").and_then(|s| s.as_u64()).is_none_or(|s| s <= step)
+                .filter(|l| match serde_json::from_str::<serde_json::Value>(l) {
+                    Ok(v) => v.get("step").and_then(|s| s.as_u64()).is_none_or(|s| s <= step),
+                    Err(_) => false,
                 })
                 .map(|l| format!("{l}\n"))
                 .collect();
