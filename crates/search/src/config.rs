@@ -87,7 +87,7 @@ pub struct RopeSection {
     pub attention_factor: AttentionFactor,
 }
 
-/// The attention factor multiplying cos/sin of long rows during the search.
+/// The attention-factor policy (the magnitude scaling of cos/sin) of a search or a training run.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum AttentionFactor {
     /// sqrt(1 + ln s / ln L0), what transformers derives for a longrope config without one.
@@ -373,6 +373,16 @@ pub fn units_per_one(step: f64) -> Option<i64> {
     ((n * step - 1.0).abs() < 1e-9).then_some(n as i64)
 }
 
+/// Deserialize a TOML config; a bad value's error names its key path (`key `a.b`: ...`).
+/// Shared by every longmix config file.
+pub fn from_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
+    let de = toml::Deserializer::parse(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        anyhow::anyhow!("key `{path}`: {}", e.into_inner().message())
+    })
+}
+
 impl SearchConfig {
     pub fn read(path: &Path) -> Result<SearchConfig> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
@@ -380,11 +390,7 @@ impl SearchConfig {
     }
 
     pub fn parse(text: &str) -> Result<SearchConfig> {
-        let de = toml::Deserializer::parse(text).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let cfg: SearchConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            anyhow::anyhow!("key `{path}`: {}", e.into_inner().message())
-        })?;
+        let cfg: SearchConfig = from_toml(text)?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use longmix_data::SourceConfig;
 use longmix_model::FactorInit;
+pub use longmix_search::config::AttentionFactor;
+use longmix_search::config::from_toml;
 use serde::{Deserialize, Serialize};
 
 use crate::optim::AdamWConfig;
@@ -44,23 +46,6 @@ pub struct ModelSection {
     pub device: String,
 }
 
-/// The attention factor (magnitude scaling of cos/sin), applied to short and long rows alike,
-/// as transformers applies the exported one.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum AttentionFactor {
-    /// "longrope": sqrt(1 + ln(L/L0) / ln L0), what transformers derives when the config has
-    /// none; "none": 1.0.
-    Policy(String),
-    Value(f64),
-}
-
-impl Default for AttentionFactor {
-    fn default() -> Self {
-        AttentionFactor::Policy("longrope".into())
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RopeSection {
@@ -81,6 +66,9 @@ pub struct RopeSection {
     /// Short factors (default all 1.0: short rows use the original RoPE, as LongRoPE2 does).
     #[serde(default)]
     pub short_factor: Option<Vec<f64>>,
+    /// "longrope" (default: sqrt(1 + ln(L/L0) / ln L0), what transformers derives when the
+    /// config has none), "none" (1.0) or a number; applied to short and long rows alike, as
+    /// transformers applies the exported one.
     #[serde(default)]
     pub attention_factor: AttentionFactor,
 }
@@ -261,11 +249,7 @@ impl TrainConfig {
     }
 
     pub fn parse(text: &str) -> Result<TrainConfig> {
-        let de = toml::Deserializer::parse(text).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let cfg: TrainConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            anyhow::anyhow!("key `{path}`: {}", e.into_inner().message())
-        })?;
+        let cfg: TrainConfig = from_toml(text)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -276,16 +260,6 @@ impl TrainConfig {
         let given = [r.long_factor.is_some(), r.factors_file.is_some(), r.init.is_some()].iter().filter(|x| **x).count();
         if given > 1 {
             bail!("key `rope`: give only one of `long_factor`, `factors_file` or `init`");
-        }
-        if let AttentionFactor::Policy(p) = &r.attention_factor {
-            if p != "longrope" && p != "none" {
-                bail!("key `rope.attention_factor`: {p:?} is not allowed; use \"longrope\", \"none\" or a number");
-            }
-        }
-        if let AttentionFactor::Value(v) = r.attention_factor {
-            if !(v.is_finite() && v > 0.0) {
-                bail!("key `rope.attention_factor`: {v} must be a positive number");
-            }
         }
         let t = &self.train;
         match (t.steps, t.tokens) {
@@ -358,7 +332,7 @@ dir = "runs/x"
         let c = TrainConfig::parse(MINIMAL).unwrap();
         assert_eq!(c.optim.lr, 2e-5);
         assert_eq!(c.data.short_share, 0.3);
-        assert_eq!(c.rope.attention_factor, AttentionFactor::Policy("longrope".into()));
+        assert_eq!(c.rope.attention_factor, AttentionFactor::Longrope);
         assert_eq!(c.total_steps(1), 10);
         assert_eq!(c.metrics_path(), PathBuf::from("runs/x/metrics.jsonl"));
     }
@@ -378,7 +352,7 @@ dir = "runs/x"
     #[test]
     fn bad_values_say_what_is_allowed() {
         let e = err(&MINIMAL.replace("[rope]\n", "[rope]\nattention_factor = \"su\"\n"));
-        assert!(e.contains("rope.attention_factor") && e.contains("\"longrope\", \"none\" or a number"), "{e}");
+        assert!(e.contains("rope.attention_factor") && e.contains("\"longrope\", \"none\" or a positive number"), "{e}");
         let e = err(&MINIMAL.replace("[rope]\n", "[rope]\ninit = \"ntk\"\nlong_factor = [1.0]\n"));
         assert!(e.contains("only one of"), "{e}");
         let e = err(&MINIMAL.replace("[rope]\n", "[rope]\ninit = \"ntk-by-parts\"\n"));

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use longmix_data::{DataConfig, Loader, LoaderState, Prefetcher, Row, RowKind};
 use longmix_model::{
-    export_hf, init_factors, load_model, rope::longrope_attention_factor, ExportOptions, FactorInit, FactorsFile, LoadedModel,
+    export_hf, init_factors, load_model, ExportOptions, FactorInit, FactorsFile, LoadedModel,
     LongRopeExport, MemoryOptions, RopeConfig, RopeScaling,
 };
 use serde::{Deserialize, Serialize};
@@ -97,11 +97,10 @@ impl RunRope {
                 bail!("key `rope.{key}`: every factor must be a finite number > 0");
             }
         }
-        let (attention_factor, explicit) = match &r.attention_factor {
-            AttentionFactor::Policy(p) if p == "none" => (1.0, true),
-            AttentionFactor::Policy(_) => (longrope_attention_factor(l as f64 / l0 as f64, l0), false),
-            AttentionFactor::Value(v) => (*v, true),
-        };
+        // The longrope default is what transformers derives from the exported config; any other
+        // choice is written into the export.
+        let attention_factor = r.attention_factor.value(l as f64 / l0 as f64, l0);
+        let explicit = r.attention_factor != AttentionFactor::Longrope;
         Ok(RunRope {
             target_length: l,
             original_length: l0,
