@@ -86,6 +86,26 @@ pub enum SourceConfig {
 }
 
 impl SourceConfig {
+    /// The source one path names on a command line: a `.jsonl` / `.ndjson` / `.json` file (or a
+    /// folder holding them, when `text_field` or `group_by` is given) reads as `jsonl` with the
+    /// default `join`, anything else as `text` (one document per file). `eval ppl`, `eval niah`
+    /// and `needle-ppl` use this, so they read exactly the documents `train` and `search` read.
+    pub fn from_path(path: &std::path::Path, text_field: &str, group_by: &[String]) -> SourceConfig {
+        let jsonl_ext = path.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e, "jsonl" | "ndjson" | "json"));
+        let jsonl_dir = path.is_dir() && (!group_by.is_empty() || text_field != default_text_field());
+        if jsonl_ext || jsonl_dir {
+            SourceConfig::Jsonl {
+                path: path.to_path_buf(),
+                text_field: text_field.to_string(),
+                group_by: (!group_by.is_empty()).then(|| group_by.to_vec()),
+                join: default_join(),
+                weight: 1.0,
+            }
+        } else {
+            SourceConfig::Text { path: path.to_path_buf(), weight: 1.0 }
+        }
+    }
+
     pub fn path(&self) -> &std::path::Path {
         match self {
             SourceConfig::Jsonl { path, .. }

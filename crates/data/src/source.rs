@@ -138,6 +138,23 @@ pub fn idx_path(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// Every document of text-bearing source `cfg` (not `tokens`), in the order training reads them.
+pub fn documents(cfg: &SourceConfig) -> Result<Vec<String>> {
+    if let SourceConfig::Tokens { .. } = cfg {
+        bail!("a tokens source holds token ids, not text; give a jsonl, text or parquet source");
+    }
+    let files = resolve_files(cfg, 0)?;
+    let mut docs = Vec::new();
+    read_documents(cfg, 0, &files, &mut |text, _| {
+        docs.push(text);
+        Ok(())
+    })?;
+    if docs.is_empty() {
+        bail!("{} holds no document", cfg.path().display());
+    }
+    Ok(docs)
+}
+
 /// Calls `on_doc(text, bytes_read_so_far)` for every document of a text-bearing source, in
 /// order. `bytes_read_so_far` counts input bytes (for progress).
 pub fn read_documents(

@@ -2,7 +2,7 @@
 //! machinery can be tested on models whose outcome is forced.
 
 use anyhow::Result;
-use longmix_model::{CausalLm, DecodeOptions, GenerateOptions, Sampling, StringConfig};
+use longmix_model::{CausalLm, DecodeOptions, GenerateOptions, Sampling, StringConfig, IGNORE_INDEX};
 use tch::{Kind, Tensor};
 
 /// Text <-> token ids.
@@ -40,14 +40,11 @@ pub struct TchLm<'a> {
     pub string: Option<StringConfig>,
     /// Generation stops at these tokens (the model's EOS).
     pub stop_tokens: Vec<i64>,
-    /// Positions per LM-head chunk when scoring (logits for 16k tokens x 49k vocab would be
-    /// 3 GB in float32).
-    pub head_chunk: i64,
 }
 
 impl<'a> TchLm<'a> {
     pub fn new(model: &'a CausalLm, string: Option<StringConfig>) -> Self {
-        TchLm { model, string, stop_tokens: model.config.eos_token_id.into_iter().collect(), head_chunk: 1024 }
+        TchLm { model, string, stop_tokens: model.config.eos_token_id.into_iter().collect() }
     }
 }
 
@@ -68,24 +65,17 @@ impl LanguageModel for TchLm<'_> {
         let device = self.model.lm_head_weight().device();
         let n = ids.len() as i64;
         let input = Tensor::from_slice(ids).unsqueeze(0).to_device(device);
-        tch::no_grad(|| {
+        // Position t predicts token t + 1; only tokens from `first_target` on are scored.
+        let targets: Vec<i64> =
+            (0..ids.len()).map(|t| if t + 1 >= first_target && t + 1 < ids.len() { ids[t + 1] } else { IGNORE_INDEX }).collect();
+        let targets = Tensor::from_slice(&targets).unsqueeze(0).to_device(device);
+        let loss = tch::no_grad(|| {
             let hidden = match &self.string {
                 None => self.model.hidden_states(&input, &Tensor::arange(n, (Kind::Int64, device)).unsqueeze(0)),
                 Some(s) => longmix_model::string::hidden_states(self.model, &input, s),
             };
-            let first = first_target as i64;
-            let (mut sum, mut count) = (0f64, 0usize);
-            let mut start = first - 1; // hidden position predicting token `start + 1`
-            while start < n - 1 {
-                let len = self.head_chunk.min(n - 1 - start);
-                let logits = self.model.logits(&hidden.narrow(1, start, len)).squeeze_dim(0);
-                let targets = input.narrow(1, start + 1, len).squeeze_dim(0);
-                let lp = logits.log_softmax(-1, Kind::Float).gather(1, &targets.unsqueeze(1), false);
-                sum -= lp.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]);
-                count += len as usize;
-                start += len;
-            }
-            Ok((sum, count))
-        })
+            self.model.head_nll(&hidden, &targets, None, None)
+        });
+        Ok((loss.sum(), loss.tokens() as usize))
     }
 }

@@ -4,19 +4,17 @@
 //! The extension ratio is `s = target_length / L0`, with `L0` the model's pre-training window
 //! (`original_max_position_embeddings`, or `max_position_embeddings` for unscaled models).
 
-use std::path::PathBuf;
 
-use anyhow::{bail, Result};
-use longmix_model::rope::longrope_attention_factor;
-use longmix_model::{init_factors, FactorInit, FactorsFile, ModelConfig, RopeScaling, StringConfig};
+use anyhow::{bail, Context, Result};
+use longmix_model::{AttentionFactor, Extension, ExtensionSpec, FactorSet, LongFactors, ModelConfig, RopeScaling, StringConfig};
 use serde_json::{json, Value};
 
-/// A closed-form RoPE override (or none).
+/// A RoPE override (or none).
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeOverride {
     /// The checkpoint's own `config.json`.
     Own,
-    /// Position interpolation: every frequency / s (`rope_type: linear`).
+    /// Position interpolation: every frequency / s (`rope_type: linear`, short rows included).
     Pi,
     /// Static NTK-aware base change `b' = b * s^(d/(d-2))` (YaRN repository's NTK).
     Ntk,
@@ -24,15 +22,14 @@ pub enum RopeOverride {
     Dynamic,
     /// YaRN (beta_fast 32, beta_slow 1, attention factor 0.1 ln s + 1).
     Yarn,
-    /// LongRoPE with LongRoPE2's closed-form initial factors (`FactorInit::LongropeNtkInit`):
-    /// short factors 1, long factors NTK-shaped below the critical dimension, s from it on.
-    Longrope,
-    /// LongRoPE with the long (and optional short) factors of a factors file.
-    Factors(PathBuf),
+    /// A LongRoPE extension ([`Extension`]): short rows keep the model's own RoPE, long rows
+    /// take a closed-form factor set (`longrope2`: LongRoPE2's initial factors; `original`) or
+    /// a factors file, with the set's own attention factor.
+    Extension(LongFactors),
 }
 
 impl RopeOverride {
-    /// `own`, `pi`, `ntk`, `dynamic`, `yarn` or `longrope`.
+    /// `own`, `pi`, `ntk`, `dynamic`, `yarn`, or a LongRoPE factor set (`longrope2`, `original`).
     pub fn parse(s: &str) -> Result<Self> {
         Ok(match s {
             "own" | "none" => RopeOverride::Own,
@@ -40,20 +37,27 @@ impl RopeOverride {
             "ntk" => RopeOverride::Ntk,
             "dynamic" | "dynamic-ntk" => RopeOverride::Dynamic,
             "yarn" => RopeOverride::Yarn,
-            "longrope" | "longrope2" => RopeOverride::Longrope,
-            _ => bail!("unknown --rope {s:?}: use own, pi, ntk, dynamic, yarn or longrope (or --factors FILE)"),
+            other => match other.parse::<FactorSet>() {
+                Ok(set) => RopeOverride::Extension(LongFactors::Set(set)),
+                Err(_) => bail!(
+                    "unknown --rope {s:?}: use own, pi, ntk, dynamic, yarn, longrope2 or original (or --factors FILE)"
+                ),
+            },
         })
     }
 
-    pub fn name(&self) -> &'static str {
+    pub fn name(&self) -> String {
         match self {
-            RopeOverride::Own => "own",
-            RopeOverride::Pi => "pi",
-            RopeOverride::Ntk => "ntk",
-            RopeOverride::Dynamic => "dynamic",
-            RopeOverride::Yarn => "yarn",
-            RopeOverride::Longrope => "longrope",
-            RopeOverride::Factors(_) => "factors",
+            RopeOverride::Own => "own".into(),
+            RopeOverride::Pi => "pi".into(),
+            RopeOverride::Ntk => "ntk".into(),
+            RopeOverride::Dynamic => "dynamic".into(),
+            RopeOverride::Yarn => "yarn".into(),
+            RopeOverride::Extension(LongFactors::Set(set)) => set.name().into(),
+            RopeOverride::Extension(LongFactors::File(path)) => {
+                format!("factors({})", path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+            }
+            RopeOverride::Extension(LongFactors::List(_)) => "factors".into(),
         }
     }
 }
@@ -122,16 +126,14 @@ impl RopeChoice {
             let l = self.target_length.ok_or_else(|| {
                 anyhow::anyhow!("--rope {what} needs --target-length L (the window to extend to; L0 = {l0})")
             })?;
-            if l <= l0 {
-                bail!("--target-length {l} must exceed the model's original window L0 = {l0}");
-            }
+            longmix_model::extension::window_lengths(l, None, rope).map_err(|e| anyhow::anyhow!("--target-length {e}"))?;
             Ok(l)
         };
-        let mut label = self.rope.name().to_string();
+        let mut label = self.rope.name();
         match &self.rope {
             RopeOverride::Own => {
                 if self.target_length.is_some() {
-                    bail!("--target-length needs a --rope method (pi, ntk, dynamic, yarn, longrope)");
+                    bail!("--target-length needs a --rope method (pi, ntk, dynamic, yarn, longrope2)");
                 }
             }
             RopeOverride::Pi => {
@@ -165,50 +167,23 @@ impl RopeChoice {
                 };
                 config.max_position_embeddings = l;
             }
-            RopeOverride::Longrope => {
-                let l = target("longrope")?;
-                let long = init_factors(FactorInit::LongropeNtkInit, rope.theta, rope.d_rot, l0, l);
-                rope.scaling = RopeScaling::LongRope {
-                    short_factor: vec![1.0; rope.n_pairs() as usize],
-                    long_factor: long,
-                    attention_factor: longrope_attention_factor(l as f64 / l0 as f64, l0),
+            RopeOverride::Extension(long) => {
+                let target_length = match long {
+                    LongFactors::File(_) if self.target_length.is_some() => {
+                        bail!("--target-length cannot be combined with --factors: the file names its own target length")
+                    }
+                    LongFactors::File(_) => None,
+                    _ => Some(target(&self.rope.name())?),
                 };
-                config.max_position_embeddings = l;
-            }
-            RopeOverride::Factors(path) => {
-                if self.target_length.is_some() {
-                    bail!("--target-length cannot be combined with --factors: the file names its own target length");
-                }
-                let f = FactorsFile::read(path)?;
-                let n = rope.n_pairs() as usize;
-                if f.long_factor.len() != n {
-                    bail!(
-                        "{}: {} long factors, but this model needs d_rot/2 = {n}",
-                        path.display(),
-                        f.long_factor.len()
-                    );
-                }
-                let short = f.short_factor.clone().unwrap_or_else(|| vec![1.0; n]);
-                if short.len() != n {
-                    bail!("{}: {} short factors, but this model needs d_rot/2 = {n}", path.display(), short.len());
-                }
-                if f.original_length != l0 {
-                    bail!(
-                        "{}: the factors were made for L0 = {}, but this model's window is L0 = {l0}",
-                        path.display(),
-                        f.original_length
-                    );
-                }
-                if f.target_length <= l0 {
-                    bail!("{}: target_length {} must exceed L0 = {l0}", path.display(), f.target_length);
-                }
-                rope.scaling = RopeScaling::LongRope {
-                    short_factor: short,
-                    long_factor: f.long_factor.clone(),
-                    attention_factor: longrope_attention_factor(f.target_length as f64 / l0 as f64, l0),
+                let spec = ExtensionSpec {
+                    target_length,
+                    original_length: None,
+                    long: long.clone(),
+                    short: None,
+                    attention: AttentionFactor::Native,
                 };
-                config.max_position_embeddings = f.target_length;
-                label = format!("factors({})", path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+                let ext = Extension::resolve(&spec, rope).with_context(|| format!("--rope {}", self.rope.name()))?;
+                ext.apply(config);
             }
         }
         if let Some(l) = self.target_length {

@@ -14,8 +14,9 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use indicatif::ProgressBar;
+use longmix_data::SourceConfig;
 use serde::Serialize;
 
 use crate::lm::{LanguageModel, TextTokenizer};
@@ -67,50 +68,15 @@ impl PplResult {
     }
 }
 
-/// Documents of a corpus file: `.jsonl` (one JSON object per line, text in `field`; with
-/// `group_by`, consecutive lines with the same value of that field are joined with a space
-/// into one document, e.g. KJV verses into books) or any other file as one document.
-pub fn load_documents(path: &Path, field: &str, group_by: Option<&str>) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read corpus {}", path.display()))?;
-    let is_jsonl = path.extension().is_some_and(|e| e == "jsonl" || e == "ndjson");
-    if !is_jsonl {
-        if group_by.is_some() {
-            bail!("--group-by applies to .jsonl corpora; {} is read as one document", path.display());
-        }
-        return Ok(vec![text]);
+/// The documents of a corpus path, read by the data pipeline's own reader
+/// ([`SourceConfig::from_path`]: `.jsonl` with `field` and `group_by`, anything else one
+/// document per file), so `eval ppl` sees exactly the documents `train` sees.
+pub fn load_documents(path: &Path, field: &str, group_by: &[String]) -> Result<Vec<String>> {
+    let source = SourceConfig::from_path(path, field, group_by);
+    if !group_by.is_empty() && !matches!(source, SourceConfig::Jsonl { .. }) {
+        bail!("--group-by applies to .jsonl corpora; {} is read as one document per file", path.display());
     }
-    let mut docs: Vec<String> = Vec::new();
-    let mut last_group: Option<serde_json::Value> = None;
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{} line {}: not a JSON object", path.display(), i + 1))?;
-        let t = v.get(field).and_then(|t| t.as_str()).ok_or_else(|| {
-            anyhow::anyhow!("{} line {}: no string field {field:?} (choose it with --field)", path.display(), i + 1)
-        })?;
-        match group_by {
-            Some(g) => {
-                let key = v.get(g).cloned().ok_or_else(|| {
-                    anyhow::anyhow!("{} line {}: no field {g:?} to group by", path.display(), i + 1)
-                })?;
-                if last_group.as_ref() == Some(&key) {
-                    let d = docs.last_mut().unwrap();
-                    d.push(' ');
-                    d.push_str(t);
-                } else {
-                    docs.push(t.to_string());
-                    last_group = Some(key);
-                }
-            }
-            None => docs.push(t.to_string()),
-        }
-    }
-    if docs.is_empty() {
-        bail!("{} holds no document", path.display());
-    }
-    Ok(docs)
+    longmix_data::source::documents(&source)
 }
 
 /// Tokenize documents in order until `samples` of them have at least `min_len` tokens (or

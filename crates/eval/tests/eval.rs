@@ -13,7 +13,7 @@ use longmix_eval::{
     first_integer, string_match_all, GridOptions, LanguageModel, NeedleValue, RopeChoice, RopeOverride, StringChoice, TchLm,
     TextTokenizer,
 };
-use longmix_model::{init_factors, load_model, CausalLm, FactorInit, FactorsFile, ModelConfig, RopeScaling, Window};
+use longmix_model::{batch_targets, load_model, CausalLm, FactorSet, FactorsFile, LongFactors, ModelConfig, RopeScaling, Window};
 use tch::{nn, Device, Kind, Tensor};
 
 /// One token per byte; with `special`, a BOS (id 256) first.
@@ -201,7 +201,6 @@ fn perplexity_of_a_uniform_model_is_the_vocab_size() {
     let docs: Vec<Vec<i64>> = (0..3).map(|d| (0..150).map(|i| (i * 7 + d * 13) % 300).collect()).collect();
     for (mode, windows_per_doc) in [(PplMode::Truncate, 1usize), (PplMode::Sliding { stride: 40, max_windows: 10 }, 3)] {
         let mut lm = TchLm::new(&model, None);
-        lm.head_chunk = 7;
         let opts = PplOptions { lengths: vec![32, 64], samples: 2, mode };
         let r = perplexity(&mut lm, &docs, &opts, &ProgressBar::hidden()).unwrap();
         for p in &r.points {
@@ -231,13 +230,12 @@ fn chunked_scoring_equals_the_model_nll() {
     let ids: Vec<i64> = (0..40).map(|i| (i * 37 + 5) % 256).collect();
     let input = Tensor::from_slice(&ids).unsqueeze(0);
     let pos = Tensor::arange(40, (Kind::Int64, Device::Cpu)).unsqueeze(0);
-    let targets = longmix_model::next_token_targets(&input, &pos);
-    let (want, n) = tch::no_grad(|| lm.model.nll(&input, &pos, &targets));
+    let targets = batch_targets(&input, &pos);
+    let want = lm.model.nll(&input, &pos, &targets);
     let mut t = TchLm::new(&lm.model, None);
-    t.head_chunk = 6;
     let (got, m) = t.nll(&ids, 1).unwrap();
-    assert_eq!(m as i64, n);
-    assert!((got - want.double_value(&[])).abs() < 1e-3, "{got} vs {}", want.double_value(&[]));
+    assert_eq!(m as i64, want.tokens());
+    assert!((got - want.sum()).abs() < 1e-3, "{got} vs {}", want.sum());
     // Scoring from a later token covers only the tail.
     let (_, tail) = t.nll(&ids, 30).unwrap();
     assert_eq!(tail, 10);
@@ -292,8 +290,8 @@ fn overrides_change_the_rope_as_intended() {
     let f = inv_freq(&c, 16384);
     assert!((f[0] - plain[0]).abs() < 1e-7 && (f[31] - plain[31] / 2.0).abs() < 1e-9);
     // LongRoPE (closed-form init): short window = plain RoPE, long window = init factors.
-    let (c, _) = apply(RopeOverride::Longrope, Some(16384));
-    let long = init_factors(FactorInit::LongropeNtkInit, 1e5, 64, 8192, 16384);
+    let (c, _) = apply(RopeOverride::parse("longrope2").unwrap(), Some(16384));
+    let long = FactorSet::Longrope2.factors(1e5, 64, 8192, 16384);
     assert_eq!(c.rope.window(8192), Window::Short);
     assert_eq!(inv_freq(&c, 8192), plain);
     for ((x, y), l) in inv_freq(&c, 8193).iter().zip(&plain).zip(&long) {
@@ -307,7 +305,7 @@ fn overrides_change_the_rope_as_intended() {
     FactorsFile { long_factor: long.clone(), short_factor: None, target_length: 16384, original_length: 8192, notes: serde_json::json!({}) }
         .write(&path)
         .unwrap();
-    let (cf, a) = apply(RopeOverride::Factors(path.clone()), None);
+    let (cf, a) = apply(RopeOverride::Extension(LongFactors::File(path.clone())), None);
     // (JSON keeps the numbers to the last bit or one ulp off.)
     for (x, y) in inv_freq(&cf, 16384).iter().zip(inv_freq(&c, 16384)) {
         assert!((x - y).abs() <= 1e-6 * y, "{x} {y}");
@@ -317,8 +315,10 @@ fn overrides_change_the_rope_as_intended() {
     FactorsFile { long_factor: long[..10].to_vec(), short_factor: None, target_length: 16384, original_length: 8192, notes: serde_json::json!({}) }
         .write(&path)
         .unwrap();
-    let e = RopeChoice { rope: RopeOverride::Factors(path), target_length: None, string: None }.apply(&mut base.clone()).unwrap_err();
-    assert!(e.to_string().contains("d_rot/2 = 32"), "{e}");
+    let e = RopeChoice { rope: RopeOverride::Extension(LongFactors::File(path)), target_length: None, string: None }
+        .apply(&mut base.clone())
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("d_rot/2 = 32"), "{e:#}");
     // Missing or too short target lengths are errors that say what to do.
     let e = RopeChoice { rope: RopeOverride::Yarn, target_length: None, string: None }.apply(&mut base.clone()).unwrap_err();
     assert!(e.to_string().contains("--target-length"), "{e}");

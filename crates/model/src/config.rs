@@ -24,15 +24,6 @@ pub enum Architecture {
     Phi3,
 }
 
-impl Architecture {
-    pub fn hf_class(self) -> &'static str {
-        match self {
-            Architecture::Llama => "LlamaForCausalLM",
-            Architecture::Phi3 => "Phi3ForCausalLM",
-        }
-    }
-}
-
 /// Everything the model needs, resolved and validated.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
@@ -291,7 +282,7 @@ pub fn resolve_rope(
                 short_factor: get_factors(p, "short_factor", n)?,
                 long_factor: get_factors(p, "long_factor", n)?,
                 attention_factor: get_f64(p, "attention_factor")?
-                    .unwrap_or_else(|| crate::rope::longrope_attention_factor(factor, original)),
+                    .unwrap_or_else(|| crate::extension::longrope_attention_factor(factor, original)),
             }
         }
         other => bail!(

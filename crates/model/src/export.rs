@@ -19,26 +19,15 @@ use serde_json::{json, Map, Value};
 use tch::{nn, Kind, Tensor};
 
 use crate::config::ModelConfig;
-
-/// The extended-window RoPE to write into the exported config.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LongRopeExport {
-    /// The new window L.
-    pub max_position_embeddings: i64,
-    /// The pre-training window L0.
-    pub original_max_position_embeddings: i64,
-    pub short_factor: Vec<f64>,
-    pub long_factor: Vec<f64>,
-    /// Written only when set; transformers otherwise derives sqrt(1 + ln(L/L0) / ln L0).
-    pub attention_factor: Option<f64>,
-}
+use crate::extension::Extension;
 
 #[derive(Debug, Clone)]
 pub struct ExportOptions {
     pub dtype: Kind,
     /// Upper bound of one shard's tensor bytes (a tensor larger than this gets a shard alone).
     pub max_shard_bytes: u64,
-    pub rope: Option<LongRopeExport>,
+    /// The extended window to write into `config.json` (None: the model's own RoPE section).
+    pub rope: Option<Extension>,
 }
 
 /// Files copied from the source model folder when present.
@@ -64,36 +53,24 @@ fn dtype_names(kind: Kind) -> Result<(Dtype, &'static str)> {
 }
 
 /// The exported `config.json`.
-pub fn exported_config(config: &ModelConfig, dtype_name: &str, rope: Option<&LongRopeExport>) -> Result<Map<String, Value>> {
+pub fn exported_config(config: &ModelConfig, dtype_name: &str, rope: Option<&Extension>) -> Result<Map<String, Value>> {
     let mut c = config.raw.clone();
     c.insert("torch_dtype".into(), json!(dtype_name));
     c.insert("dtype".into(), json!(dtype_name));
     if let Some(r) = rope {
-        let n = config.rope.n_pairs() as usize;
-        for (key, list) in [("short_factor", &r.short_factor), ("long_factor", &r.long_factor)] {
-            if list.len() != n {
-                bail!("{key} has {} entries but this model needs d_rot/2 = {n}", list.len());
-            }
-        }
-        if r.max_position_embeddings <= r.original_max_position_embeddings {
-            bail!(
-                "the exported window ({}) must exceed the original one ({})",
-                r.max_position_embeddings,
-                r.original_max_position_embeddings
-            );
-        }
-        c.insert("max_position_embeddings".into(), json!(r.max_position_embeddings));
-        c.insert("original_max_position_embeddings".into(), json!(r.original_max_position_embeddings));
+        r.check(&config.rope).context("the extension to export")?;
+        c.insert("max_position_embeddings".into(), json!(r.target_length));
+        c.insert("original_max_position_embeddings".into(), json!(r.original_length));
         let mut rope = json!({
             "rope_type": "longrope",
             "type": "longrope",
             "short_factor": r.short_factor,
             "long_factor": r.long_factor,
-            "original_max_position_embeddings": r.original_max_position_embeddings,
-            "factor": r.max_position_embeddings as f64 / r.original_max_position_embeddings as f64,
+            "original_max_position_embeddings": r.original_length,
+            "factor": r.target_length as f64 / r.original_length as f64,
         });
-        if let Some(a) = r.attention_factor {
-            rope["attention_factor"] = json!(a);
+        if r.explicit_attention_factor {
+            rope["attention_factor"] = json!(r.attention_factor);
         }
         let mut params = rope.clone();
         params["rope_theta"] = json!(config.rope.theta);

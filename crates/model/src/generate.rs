@@ -292,35 +292,7 @@ pub struct Generation {
     pub reprefills: Vec<usize>,
 }
 
-/// SplitMix64: a tiny, seedable, platform-independent generator.
-#[derive(Debug, Clone)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform integer in [0, n) (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        assert!(n > 0);
-        // Lemire's multiply-shift; the bias is below 2^-64 * n, irrelevant here.
-        ((self.next_u64() as u128 * n as u128) >> 64) as u64
-    }
-}
+pub use longmix_core::SplitMix64;
 
 /// Choose the next token from one row's float32 logits.
 pub fn choose(logits: &[f32], sampling: Sampling, rng: &mut SplitMix64) -> i64 {

@@ -1,12 +1,15 @@
 //! LLaMA and Phi-3 causal language models on LibTorch, numerically equal to Hugging Face
 //! transformers: config resolution, RoPE with every scaling (windows chosen per row), packed
-//! rows, safetensors loading.
+//! rows, safetensors loading, the LongRoPE extension ([`extension`]) and the LM-head loss
+//! ([`head`]).
 
 pub mod attention;
 pub mod config;
 pub mod export;
+pub mod extension;
 pub mod factors;
 pub mod generate;
+pub mod head;
 pub mod load;
 pub mod memory;
 pub mod rope;
@@ -14,11 +17,17 @@ pub mod string;
 pub mod transformer;
 
 pub use config::{Architecture, ModelConfig};
-pub use export::{export_hf, ExportOptions, LongRopeExport};
-pub use generate::{generate, Decoder, DecodeOptions, GenerateOptions, Generation, Sampling};
-pub use factors::{critical_dim, init_factors, FactorInit, FactorsFile};
-pub use memory::{MemoryOptions, StepLoss};
+pub use export::{export_hf, ExportOptions};
+pub use extension::{
+    critical_dim, longrope_attention_factor, own_short_factors, AttentionFactor, Extension, ExtensionSpec, FactorSet,
+    LongFactors,
+};
+pub use factors::FactorsFile;
+pub use generate::{generate, DecodeOptions, Decoder, GenerateOptions, Generation, Sampling};
+pub use head::{batch_targets, HeadLoss, HEAD_CHUNK};
 pub use load::{load_model, load_tokenizer, LoadedModel};
-pub use rope::{RopeConfig, RopeScaling, Window};
+pub use longmix_core::{next_token_targets, Window, IGNORE_INDEX};
+pub use memory::{MemoryOptions, StepLoss};
+pub use rope::{RopeConfig, RopeScaling};
 pub use string::StringConfig;
-pub use transformer::{next_token_targets, CausalLm, IGNORE_INDEX, NLL_CHUNK};
+pub use transformer::CausalLm;

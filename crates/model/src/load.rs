@@ -4,7 +4,7 @@
 //! Safetensors files are memory-mapped; each tensor is converted to the variable's dtype and
 //! device as it is copied in, so f32, bf16 and f16 checkpoints all load into any compute dtype.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -19,7 +19,6 @@ use crate::transformer::CausalLm;
 pub struct LoadedModel {
     pub vs: nn::VarStore,
     pub model: CausalLm,
-    pub dir: PathBuf,
 }
 
 /// Load `dir` (config + weights) with parameters of dtype `kind` on `device`.
@@ -32,7 +31,7 @@ pub fn load_model(dir: &Path, kind: Kind, device: Device) -> Result<LoadedModel>
     let model = CausalLm::new(&vs.root(), config);
     vs.set_kind(kind);
     load_weights(&vs, dir)?;
-    Ok(LoadedModel { vs, model, dir: dir.to_path_buf() })
+    Ok(LoadedModel { vs, model })
 }
 
 /// The safetensors files of `dir`: the shards named by `model.safetensors.index.json`, else
@@ -143,13 +142,4 @@ pub fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer> {
     }
     tokenizers::Tokenizer::from_file(&path)
         .map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", path.display()))
-}
-
-/// Parameter count by dtype, for logs.
-pub fn parameter_summary(vs: &nn::VarStore) -> BTreeMap<String, i64> {
-    let mut out = BTreeMap::new();
-    for t in vs.variables().values() {
-        *out.entry(format!("{:?}", t.kind())).or_insert(0) += t.numel() as i64;
-    }
-    out
 }

@@ -13,9 +13,11 @@
 //! Both give the same gradients as the plain path (tested); the loss is summed, and `scale`
 //! (e.g. 1 / target tokens of the whole optimizer step) multiplies every gradient.
 
-use tch::{Kind, Reduction, Tensor};
+use tch::{Kind, Tensor};
 
-use crate::transformer::{CausalLm, IGNORE_INDEX};
+use crate::head::HeadLoss;
+use crate::rope::Window;
+use crate::transformer::CausalLm;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MemoryOptions {
@@ -25,14 +27,12 @@ pub struct MemoryOptions {
     pub loss_chunk: Option<i64>,
 }
 
-/// What one micro-batch contributed, in total and per row.
+/// What one micro-batch contributed: each row's summed NLL and scored tokens, and the RoPE
+/// window the model used for each row (the model alone decides short or long).
 #[derive(Debug, Clone, Default)]
 pub struct StepLoss {
-    /// Summed NLL over scored tokens (float64 for accumulation across micro-batches).
-    pub nll_sum: f64,
-    pub tokens: i64,
-    pub row_nll: Vec<f64>,
-    pub row_tokens: Vec<i64>,
+    pub loss: HeadLoss,
+    pub windows: Vec<Window>,
 }
 
 impl CausalLm {
@@ -46,13 +46,17 @@ impl CausalLm {
         opts: MemoryOptions,
     ) -> StepLoss {
         let pos = self.positions(position_ids);
+        let windows = self.config.rope.row_windows(position_ids);
+        // None: the whole micro-batch's scored positions in one piece.
+        let chunk = Some(opts.loss_chunk.unwrap_or(i64::MAX));
+        let head = |hidden: &Tensor| self.head_nll(hidden, targets, chunk, Some(scale));
         let run_layers = |x: Tensor| {
             self.layers.iter().fold(x, |x, layer| layer.forward(&x, &pos.cos, &pos.sin, &pos.plan))
         };
-        let embedded = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
+        let embedded = self.embed(input_ids);
         if !opts.checkpoint_layers {
             let hidden = self.norm.forward(&run_layers(embedded));
-            return self.head_loss(&hidden, targets, opts.loss_chunk, scale);
+            return StepLoss { loss: head(&hidden), windows };
         }
         // Forward without autograd, keeping each layer's input.
         let mut inputs = vec![embedded.detach()];
@@ -64,7 +68,7 @@ impl CausalLm {
         });
         // Head (with the final norm) on a detached leaf, giving dL/d(last hidden state).
         let last = inputs.pop().unwrap().set_requires_grad(true);
-        let loss = self.head_loss(&self.norm.forward(&last), targets, opts.loss_chunk, scale);
+        let loss = head(&self.norm.forward(&last));
         let mut grad = last.grad();
         // Backward through the layers, last first, recomputing each.
         for (layer, x) in self.layers.iter().zip(inputs).rev() {
@@ -74,55 +78,6 @@ impl CausalLm {
             grad = x.grad();
         }
         (embedded * grad).sum(Kind::Float).backward();
-        loss
-    }
-
-    /// Summed NLL of `hidden` (`[B, T, H]`) against `targets`, back-propagated with `scale`.
-    fn head_loss(&self, hidden: &Tensor, targets: &Tensor, chunk: Option<i64>, scale: f64) -> StepLoss {
-        let (b, t, h) = (hidden.size()[0], hidden.size()[1], hidden.size()[2]);
-        let flat_targets = targets.reshape([-1]);
-        let keep = flat_targets.ne(IGNORE_INDEX).nonzero().squeeze_dim(1);
-        let tokens = keep.size()[0];
-        let row_of = keep.divide_scalar_mode(t, "floor");
-        let row_tokens = Vec::<i64>::try_from(row_of.bincount::<Tensor>(None, b)).unwrap();
-        let mut row_nll = Tensor::zeros([b], (Kind::Double, hidden.device()));
-        if tokens == 0 {
-            // Still touch the graph so callers' gradients stay defined (all zero).
-            (hidden.sum(Kind::Float) * 0.0).backward();
-            return StepLoss { nll_sum: 0.0, tokens: 0, row_nll: vec![0.0; b as usize], row_tokens };
-        }
-        let hidden = hidden.reshape([-1, h]).index_select(0, &keep);
-        let targets = flat_targets.index_select(0, &keep);
-        let w = self.lm_head_weight();
-        // Back-propagate one piece's loss; return its per-token NLL (detached).
-        let piece = |h: &Tensor, t: &Tensor| {
-            let nll = h.matmul(&w.tr()).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(t, None, Reduction::None, IGNORE_INDEX, 0.0);
-            (nll.sum(Kind::Float) * scale).backward();
-            nll.detach()
-        };
-        let chunk = chunk.unwrap_or(tokens).clamp(1, tokens);
-        let nll = if chunk == tokens {
-            piece(&hidden, &targets)
-        } else {
-            // Each chunk's head + loss is back-propagated on its own into a detached copy of the
-            // hidden states; their gradient then flows back through `hidden` once.
-            let leaf = hidden.detach().set_requires_grad(true);
-            let parts: Vec<Tensor> = (0..tokens)
-                .step_by(chunk as usize)
-                .map(|start| {
-                    let n = chunk.min(tokens - start);
-                    piece(&leaf.narrow(0, start, n), &targets.narrow(0, start, n))
-                })
-                .collect();
-            (hidden * leaf.grad()).sum(Kind::Float).backward();
-            Tensor::cat(&parts, 0)
-        };
-        let _ = row_nll.index_add_(0, &row_of, &nll.to_kind(Kind::Double));
-        StepLoss {
-            nll_sum: nll.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]),
-            tokens,
-            row_nll: Vec::<f64>::try_from(row_nll.to_device(tch::Device::Cpu)).unwrap(),
-            row_tokens,
-        }
+        StepLoss { loss, windows }
     }
 }

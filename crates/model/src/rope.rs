@@ -36,12 +36,7 @@ pub enum RopeScaling {
     LongRope { short_factor: Vec<f64>, long_factor: Vec<f64>, attention_factor: f64 },
 }
 
-/// Which factor set a longrope row uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Window {
-    Short,
-    Long,
-}
+pub use longmix_core::Window;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RopeConfig {
@@ -54,14 +49,6 @@ pub struct RopeConfig {
     pub scaling: RopeScaling,
 }
 
-/// LongRoPE's "su" magnitude scaling `sqrt(1 + ln s / ln L0)` (1 when `s <= 1`).
-pub fn longrope_attention_factor(factor: f64, original: i64) -> f64 {
-    if factor <= 1.0 {
-        1.0
-    } else {
-        (1.0 + factor.ln() / (original as f64).ln()).sqrt()
-    }
-}
 
 /// `base ** (arange(0, d_rot, 2) / d_rot)` in float32, as transformers writes it.
 fn pos_freqs(base: &Tensor, d_rot: i64, device: Device) -> Tensor {
@@ -81,11 +68,12 @@ impl RopeConfig {
 
     /// The window a row of length `len` (= max position + 1) falls in.
     pub fn window(&self, len: i64) -> Window {
-        if len > self.original_max_position_embeddings {
-            Window::Long
-        } else {
-            Window::Short
-        }
+        Window::of_len(len, self.original_max_position_embeddings)
+    }
+
+    /// The window of every row of `position_ids` `[B, T]`, by its own length (max position + 1).
+    pub fn row_windows(&self, position_ids: &Tensor) -> Vec<Window> {
+        row_lengths(position_ids).into_iter().map(|len| self.window(len)).collect()
     }
 
     /// The attention factor that multiplies cos and sin.
@@ -178,8 +166,7 @@ impl RopeConfig {
     /// table is picked by its own length (see the module docs). The attention factor is folded in.
     pub fn cos_sin(&self, position_ids: &Tensor) -> (Tensor, Tensor) {
         let device = position_ids.device();
-        let lens: Vec<i64> = Vec::try_from(position_ids.amax([1].as_slice(), false).to_device(Device::Cpu) + 1)
-            .expect("position_ids must be an int64 [batch, seq] tensor");
+        let lens = row_lengths(position_ids);
         let mut tables: HashMap<i64, Tensor> = HashMap::new();
         let rows: Vec<Tensor> = lens
             .iter()
@@ -193,6 +180,12 @@ impl RopeConfig {
         let scale = self.attention_factor();
         (emb.cos() * scale, emb.sin() * scale)
     }
+}
+
+/// `max(position_ids) + 1` of every row of `position_ids` `[B, T]` (int64).
+pub fn row_lengths(position_ids: &Tensor) -> Vec<i64> {
+    Vec::try_from(position_ids.amax([1].as_slice(), false).to_device(Device::Cpu) + 1)
+        .expect("position_ids must be an int64 [batch, seq] tensor")
 }
 
 /// `cat(-x[..., d/2:], x[..., :d/2])`.

@@ -7,14 +7,11 @@
 //! so loading and exporting need no renaming table.
 
 use tch::nn::{self, Module};
-use tch::{Kind, Reduction, Tensor};
+use tch::{Kind, Tensor};
 
 use crate::attention::Plan;
 use crate::config::{Architecture, ModelConfig};
 use crate::rope::apply_rotary;
-
-/// Label value that contributes no loss (as in transformers and PyTorch).
-pub const IGNORE_INDEX: i64 = -100;
 
 /// HF `LlamaRMSNorm`: normalise in float32, cast back, then scale.
 #[derive(Debug)]
@@ -213,7 +210,7 @@ impl CausalLm {
     /// Final hidden states `[B, T, hidden]` (after the last norm), in the weights' dtype.
     pub fn hidden_states(&self, input_ids: &Tensor, position_ids: &Tensor) -> Tensor {
         let pos = self.positions(position_ids);
-        let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
+        let mut x = self.embed(input_ids);
         for layer in &self.layers {
             x = layer.forward(&x, &pos.cos, &pos.sin, &pos.plan);
         }
@@ -237,55 +234,6 @@ impl CausalLm {
 
     /// Logits `[B, T, vocab]` in float32.
     pub fn forward(&self, input_ids: &Tensor, position_ids: &Tensor) -> Tensor {
-        self.hidden_states(input_ids, position_ids).matmul(&self.lm_head_weight().tr()).to_kind(Kind::Float)
+        self.logits(&self.hidden_states(input_ids, position_ids))
     }
-
-    /// Summed next-token NLL (a differentiable 0-dim float32 tensor) and the number of scored
-    /// tokens. `targets[b, t]` is the token that position t must predict, or [`IGNORE_INDEX`].
-    /// Positions without a target skip the LM head, and the head runs [`NLL_CHUNK`] positions
-    /// at a time, so `[tokens, vocab]` logits never exist in full (a 128k-token row with a
-    /// 128k vocabulary would need 64 GB of float32 logits).
-    pub fn nll(&self, input_ids: &Tensor, position_ids: &Tensor, targets: &Tensor) -> (Tensor, i64) {
-        let hidden = self.hidden_states(input_ids, position_ids);
-        let h = hidden.size()[2];
-        let flat_targets = targets.reshape([-1]);
-        let keep = flat_targets.ne(IGNORE_INDEX).nonzero().squeeze_dim(1);
-        let count = keep.size()[0];
-        let hidden = hidden.reshape([-1, h]).index_select(0, &keep);
-        let targets = flat_targets.index_select(0, &keep);
-        if count == 0 {
-            // Nothing to score: a zero that stays attached to the graph.
-            return (hidden.sum(Kind::Float) * 0.0, 0);
-        }
-        let parts: Vec<Tensor> = (0..count)
-            .step_by(NLL_CHUNK as usize)
-            .map(|start| {
-                let len = NLL_CHUNK.min(count - start);
-                self.logits(&hidden.narrow(0, start, len)).cross_entropy_loss::<Tensor>(
-                    &targets.narrow(0, start, len),
-                    None,
-                    Reduction::Sum,
-                    IGNORE_INDEX,
-                    0.0,
-                )
-            })
-            .collect();
-        let loss = Tensor::stack(&parts, 0).sum(Kind::Float);
-        (loss, count)
-    }
-}
-
-/// Positions per LM-head chunk in [`CausalLm::nll`].
-pub const NLL_CHUNK: i64 = 2048;
-
-/// Next-token targets for rows of packed documents: `targets[t] = input_ids[t + 1]` inside a
-/// document; the last token of each document (whose successor starts another document or lies
-/// past the row) gets [`IGNORE_INDEX`].
-pub fn next_token_targets(input_ids: &Tensor, position_ids: &Tensor) -> Tensor {
-    let t = input_ids.size()[1];
-    let next = input_ids.narrow(1, 1, t - 1);
-    let next_starts_doc = position_ids.narrow(1, 1, t - 1).eq(0);
-    let shifted = next.masked_fill(&next_starts_doc, IGNORE_INDEX);
-    let pad = Tensor::full([input_ids.size()[0], 1], IGNORE_INDEX, (Kind::Int64, input_ids.device()));
-    Tensor::cat(&[shifted, pad], 1)
 }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use longmix_model::{export_hf, load_model, ExportOptions, LongRopeExport, RopeScaling};
+use longmix_model::{export_hf, load_model, longrope_attention_factor, Extension, ExportOptions, RopeScaling};
 use tch::{Device, Kind, Tensor};
 
 fn fixture(case: &str) -> PathBuf {
@@ -14,12 +14,13 @@ fn sharded_export_round_trips_with_longrope_config() {
     let src = load_model(&fixture("phi3_longrope_partial"), Kind::Float, Device::Cpu).unwrap();
     let out_root = tempfile::tempdir().unwrap();
     let out = out_root.path().join("export");
-    let rope = LongRopeExport {
-        max_position_embeddings: 256,
-        original_max_position_embeddings: 32,
+    let rope = Extension {
+        target_length: 256,
+        original_length: 32,
         short_factor: vec![1.0; 6],
         long_factor: vec![1.0, 1.5, 2.5, 4.0, 6.0, 9.0],
-        attention_factor: None,
+        attention_factor: longrope_attention_factor(8.0, 32),
+        explicit_attention_factor: false,
     };
     let opts = ExportOptions { dtype: Kind::Float, max_shard_bytes: 100_000, rope: Some(rope.clone()) };
     export_hf(&src.vs, &src.model.config, Some(&fixture("phi3_longrope_partial")), &out, &opts).unwrap();

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use longmix_model::{load_model, next_token_targets, LoadedModel, MemoryOptions};
+use longmix_model::{batch_targets, load_model, LoadedModel, MemoryOptions};
 use tch::{Device, Kind, Tensor};
 
 fn load(case: &str) -> LoadedModel {
@@ -17,7 +17,7 @@ fn mixed_batch(vocab: i64) -> (Tensor, Tensor, Tensor) {
     let ids = Tensor::randint(vocab, [2, 80], (Kind::Int64, Device::Cpu));
     let packed: Vec<i64> = [30, 30, 20].iter().flat_map(|&n| 0..n).collect();
     let pos = Tensor::stack(&[Tensor::from_slice(&packed), Tensor::arange(80, (Kind::Int64, Device::Cpu))], 0);
-    let targets = next_token_targets(&ids, &pos);
+    let targets = batch_targets(&ids, &pos);
     (ids, pos, targets)
 }
 
@@ -28,12 +28,11 @@ fn grads(m: &LoadedModel, opts: MemoryOptions, batch: &(Tensor, Tensor, Tensor))
             let _ = g.zero_();
         }
     }
-    let out = m.model.forward_backward(&batch.0, &batch.1, &batch.2, 0.01, opts);
-    // Per-row sums add up, and each row's count is its tokens minus one per document.
+    let out = m.model.forward_backward(&batch.0, &batch.1, &batch.2, 0.01, opts).loss;
+    // Each row's count is its tokens minus one per document.
     assert_eq!(out.row_tokens, vec![80 - 3, 80 - 1]);
-    assert!((out.row_nll.iter().sum::<f64>() - out.nll_sum).abs() < 1e-6 * out.nll_sum);
     let grads = m.vs.variables().into_iter().map(|(k, v)| (k, v.grad().copy())).collect();
-    (out.nll_sum, out.tokens, grads)
+    (out.sum(), out.tokens(), grads)
 }
 
 fn check(case: &str) {
@@ -41,9 +40,10 @@ fn check(case: &str) {
     let batch = mixed_batch(m.model.config.vocab_size);
     let plain = grads(&m, MemoryOptions::default(), &batch);
     // The plain path agrees with the model's own loss.
-    let (nll, n) = tch::no_grad(|| m.model.nll(&batch.0, &batch.1, &batch.2));
+    let eval = m.model.nll(&batch.0, &batch.1, &batch.2);
+    let n = eval.tokens();
     assert_eq!(plain.1, n);
-    assert!((plain.0 - nll.double_value(&[])).abs() < 1e-3, "{} vs {}", plain.0, nll.double_value(&[]));
+    assert!((plain.0 - eval.sum()).abs() < 1e-3, "{} vs {}", plain.0, eval.sum());
     // Tokens: 2 x 80 minus one per document (4 documents).
     assert_eq!(n, 160 - 4);
     for opts in [
@@ -75,18 +75,18 @@ fn phi3_partial_rotary_longrope_same_gradients() {
 
 #[test]
 fn nll_over_several_head_chunks_equals_full_logits() {
-    // 2 rows x 2600 positions: more than two NLL_CHUNKs of scored positions, with document
+    // 2 rows x 2600 positions: more than two HEAD_CHUNKs of scored positions, with document
     // boundaries (ignored targets) in the middle of a chunk.
     let m = load("llama_gqa_tied");
     let t = 2600;
-    assert!(2 * t > 2 * longmix_model::NLL_CHUNK);
+    assert!(2 * t > 2 * longmix_model::HEAD_CHUNK);
     tch::manual_seed(3);
     let ids = Tensor::randint(m.model.config.vocab_size, [2, t], (Kind::Int64, Device::Cpu));
     let packed: Vec<i64> = [1000, 1600].iter().flat_map(|&n| 0..n).collect();
     let pos = Tensor::stack(&[Tensor::from_slice(&packed), Tensor::arange(t, (Kind::Int64, Device::Cpu))], 0);
-    let targets = next_token_targets(&ids, &pos);
-    let (nll, n) = tch::no_grad(|| m.model.nll(&ids, &pos, &targets));
-    assert_eq!(n, 2 * t - 3);
+    let targets = batch_targets(&ids, &pos);
+    let nll = m.model.nll(&ids, &pos, &targets);
+    assert_eq!(nll.row_tokens, vec![t - 2, t - 1]);
     let full = tch::no_grad(|| {
         let logits = m.model.forward(&ids, &pos);
         logits.view([-1, m.model.config.vocab_size]).log_softmax(-1, Kind::Double)
@@ -94,6 +94,6 @@ fn nll_over_several_head_chunks_equals_full_logits() {
     let flat = targets.view([-1]);
     let keep = flat.ne(-100);
     let want = -full.gather(1, &flat.clamp_min(0).unsqueeze(1), false).squeeze_dim(1).masked_select(&keep).sum(Kind::Double);
-    let (got, want) = (nll.double_value(&[]), want.double_value(&[]));
+    let (got, want) = (nll.sum(), want.double_value(&[]));
     assert!((got - want).abs() < 1e-5 * want.abs(), "chunked {got} vs full {want}");
 }

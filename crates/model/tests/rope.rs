@@ -1,6 +1,7 @@
 //! RoPE tables against published values (rope-extension.md) and the per-row window rule.
 
-use longmix_model::rope::{longrope_attention_factor, RopeConfig, RopeScaling, Window};
+use longmix_model::rope::{RopeConfig, RopeScaling, Window};
+use longmix_model::longrope_attention_factor;
 use tch::{Device, Kind, Tensor};
 
 fn rope(theta: f64, d: i64, original: i64, scaling: RopeScaling) -> RopeConfig {

@@ -49,6 +49,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::space::Mode;
+use longmix_model::FactorSet;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,19 +62,7 @@ pub struct SearchConfig {
     pub output: OutputSection,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelSection {
-    /// Hugging Face model folder (config.json, safetensors, tokenizer.json).
-    pub path: PathBuf,
-    #[serde(default = "default_f32")]
-    pub dtype: String,
-    #[serde(default = "default_auto")]
-    pub device: String,
-    /// CPU threads for LibTorch.
-    #[serde(default)]
-    pub threads: Option<i32>,
-}
+pub use longmix_core::config::ModelSection;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -87,69 +76,7 @@ pub struct RopeSection {
     pub attention_factor: AttentionFactor,
 }
 
-/// The attention-factor policy (the magnitude scaling of cos/sin) of a search or a training run.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub enum AttentionFactor {
-    /// sqrt(1 + ln s / ln L0), what transformers derives for a longrope config without one.
-    #[default]
-    Longrope,
-    /// 1.0.
-    None,
-    Value(f64),
-}
-
-impl AttentionFactor {
-    pub fn value(self, s: f64, original: i64) -> f64 {
-        match self {
-            AttentionFactor::Longrope => longmix_model::rope::longrope_attention_factor(s, original),
-            AttentionFactor::None => 1.0,
-            AttentionFactor::Value(v) => v,
-        }
-    }
-}
-
-impl Serialize for AttentionFactor {
-    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        match self {
-            AttentionFactor::Longrope => s.serialize_str("longrope"),
-            AttentionFactor::None => s.serialize_str("none"),
-            AttentionFactor::Value(v) => s.serialize_f64(*v),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for AttentionFactor {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = AttentionFactor;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("\"longrope\", \"none\" or a positive number")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<AttentionFactor, E> {
-                match v {
-                    "longrope" => Ok(AttentionFactor::Longrope),
-                    "none" => Ok(AttentionFactor::None),
-                    _ => Err(E::custom(format!("{v:?} is not allowed; use \"longrope\", \"none\" or a positive number"))),
-                }
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> std::result::Result<AttentionFactor, E> {
-                if v.is_finite() && v > 0.0 {
-                    Ok(AttentionFactor::Value(v))
-                } else {
-                    Err(E::custom(format!("{v} must be a positive number")))
-                }
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<AttentionFactor, E> {
-                self.visit_f64(v as f64)
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> std::result::Result<AttentionFactor, E> {
-                self.visit_f64(v as f64)
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
+pub use longmix_model::AttentionFactor;
 
 /// `"auto"` or an integer.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -258,15 +185,6 @@ pub struct NeedleSection {
     pub add_bos: AddBos,
 }
 
-/// LongRoPE v1 starting factors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum V1Init {
-    Pi,
-    Ntk,
-    Yarn,
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SearchSection {
@@ -291,7 +209,7 @@ pub struct SearchSection {
     #[serde(default)]
     pub length_scale: Option<f64>,
     #[serde(default)]
-    pub init: Option<V1Init>,
+    pub init: Option<FactorSet>,
     /// n̂ of LongRoPE v1: rejected with an explanation (see [`SearchConfig::parse`]).
     #[serde(default)]
     pub start_tokens: Option<toml::Value>,
@@ -318,12 +236,6 @@ pub struct OutputSection {
     pub state_dir: PathBuf,
 }
 
-fn default_f32() -> String {
-    "f32".into()
-}
-fn default_auto() -> String {
-    "auto".into()
-}
 fn default_cache_dir() -> PathBuf {
     PathBuf::from(".cache/tokens")
 }
@@ -373,24 +285,15 @@ pub fn units_per_one(step: f64) -> Option<i64> {
     ((n * step - 1.0).abs() < 1e-9).then_some(n as i64)
 }
 
-/// Deserialize a TOML config; a bad value's error names its key path (`key `a.b`: ...`).
-/// Shared by every longmix config file.
-pub fn from_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
-    let de = toml::Deserializer::parse(text).map_err(|e| anyhow::anyhow!("{e}"))?;
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        anyhow::anyhow!("key `{path}`: {}", e.into_inner().message())
-    })
-}
-
 impl SearchConfig {
     pub fn read(path: &Path) -> Result<SearchConfig> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
-        Self::parse(&text).with_context(|| format!("invalid config {}", path.display()))
+        let cfg: SearchConfig = longmix_core::config::read_toml(path, "config")?;
+        cfg.validate().with_context(|| format!("invalid config {}", path.display()))?;
+        Ok(cfg)
     }
 
     pub fn parse(text: &str) -> Result<SearchConfig> {
-        let cfg: SearchConfig = from_toml(text)?;
+        let cfg: SearchConfig = longmix_core::config::from_toml(text)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -436,6 +339,9 @@ impl SearchConfig {
                 }
             }
             Mode::LongRope => {
+                if let Some(init) = s.init.filter(|i| !matches!(i, FactorSet::Pi | FactorSet::Ntk | FactorSet::Yarn)) {
+                    bail!("key `search.init`: {init} is not a LongRoPE v1 start; use \"pi\", \"ntk\" or \"yarn\"");
+                }
                 if s.critical_dim.is_some() {
                     bail!("key `search.critical_dim`: only for mode = \"longrope2\" (LongRoPE v1 searches every pair) — remove the key or set mode = \"longrope2\"");
                 }
@@ -522,10 +428,11 @@ state_dir = "st"
             (search("critical_dim = 0"), &["search.critical_dim", "at least 1"]),
             (search("mode = \"longrope\"\ncritical_dim = 5"), &["search.critical_dim", "only for mode"]),
             (search("init = \"ntk\""), &["search.init", "only for mode = \"longrope\""]),
-            (search("mode = \"longrope\"\ninit = \"linear\""), &["search.init", "linear", "yarn"]),
+            (search("mode = \"longrope\"\ninit = \"longrope2\""), &["search.init", "longrope2", "yarn"]),
+            (search("mode = \"longrope\"\ninit = \"ntk-by-parts\""), &["search.init", "ntk-by-parts", "yarn"]),
             (search("start_tokens = 4"), &["search.start_tokens", "not supported", "remove the key"]),
             (search("mutations = 0\ncrossovers = 0"), &["search.mutations", "set either above 0"]),
-            (with("rope", "attention_factor = \"su\""), &["rope.attention_factor", "\"longrope\", \"none\""]),
+            (with("rope", "attention_factor = \"su\""), &["rope.attention_factor", "\"longrope\", \"native\", \"none\""]),
             (with("rope", "original_length = 20000"), &["rope.original_length", "target_length"]),
             (with("needle", "samples = 0"), &["needle.samples", "at least 1"]),
             (with("needle", "add_bos = \"yes\""), &["needle.add_bos", "\"auto\", true or false"]),

@@ -5,13 +5,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use longmix_data::{Corpus, TokenizerInfo};
-use longmix_model::{critical_dim, init_factors, load_model, FactorInit, FactorsFile, LoadedModel};
+use longmix_model::extension::window_lengths;
+use longmix_model::{critical_dim, load_model, Extension, ExtensionSpec, FactorSet, FactorsFile, LoadedModel, LongFactors};
 use serde_json::json;
 use tch::{Device, Kind};
 
-use crate::config::{units_per_one, AddBos, CriticalDim, SearchConfig, V1Init};
+use crate::config::{units_per_one, AddBos, CriticalDim, SearchConfig};
 use crate::ga::{method_name, GaParams, InitPopulation, RunOptions, Search, SearchResult};
-use crate::needle::{build_samples, longrope, needle_ppl, own_short_factors, pick_documents, tokenizer_bos, NeedleOptions, NeedleSample, T1};
+use crate::needle::{build_samples, needle_ppl, pick_documents, tokenizer_bos, NeedleOptions, NeedleSample, T1};
 use crate::space::{Mode, Space};
 
 /// Where the needle documents and samples come from.
@@ -78,12 +79,18 @@ pub fn run_search(cfg: &SearchConfig, device: Device, kind: Kind, opts: &RunOpti
     }
     let mut lm: LoadedModel = load_model(&cfg.model.path, kind, device)?;
     let base = lm.model.config.rope.clone();
-    let l0 = cfg.rope.original_length.unwrap_or(base.original_max_position_embeddings);
-    let l = cfg.rope.target_length;
-    if l <= l0 {
-        bail!("key `rope.target_length`: {l} must exceed the original window L0 = {l0} (set rope.original_length to override L0)");
-    }
-    let s = l as f64 / l0 as f64;
+    let (l, l0) = window_lengths(cfg.rope.target_length, cfg.rope.original_length, &base)
+        .map_err(|e| anyhow::anyhow!("key `rope.target_length`: {e}"))?;
+    // The candidates share everything but their long factors with this extension.
+    let spec = ExtensionSpec {
+        target_length: Some(l),
+        original_length: Some(l0),
+        long: LongFactors::Set(FactorSet::Longrope2),
+        short: None,
+        attention: cfg.rope.attention_factor,
+    };
+    let extension = Extension::resolve(&spec, &base).context("key `rope`")?;
+    let s = extension.scale();
     let n = base.n_pairs() as usize;
     let sc = &cfg.search;
     let upo = units_per_one(sc.step).unwrap();
@@ -108,12 +115,7 @@ pub fn run_search(cfg: &SearchConfig, device: Device, kind: Kind, opts: &RunOpti
                 bail!("key `search.length_scale`: {ls} must be at least s = L/L0 = {s} (LongRoPE v1 uses 1 + s = {})", 1.0 + s);
             }
             let space = Space::longrope(n, ls, upo);
-            let which = match sc.init.unwrap_or(V1Init::Yarn) {
-                V1Init::Pi => FactorInit::Pi,
-                V1Init::Ntk => FactorInit::Ntk,
-                V1Init::Yarn => FactorInit::Yarn,
-            };
-            let start = space.from_factors(&init_factors(which, base.theta, base.d_rot, l0, l));
+            let start = space.from_factors(&sc.init.unwrap_or(FactorSet::Yarn).factors(base.theta, base.d_rot, l0, l));
             (space, InitPopulation::From(start), None)
         }
     };
@@ -126,8 +128,7 @@ pub fn run_search(cfg: &SearchConfig, device: Device, kind: Kind, opts: &RunOpti
         add_bos: cfg.needle.add_bos,
     };
     let samples = needle_samples(&cfg.model.path, lm.model.config.bos_token_id, l as usize, &data)?;
-    let short = own_short_factors(&base)?;
-    let attention_factor = cfg.rope.attention_factor.value(s, l0);
+    let attention_factor = extension.attention_factor;
     let model_path = std::fs::canonicalize(&cfg.model.path).unwrap_or_else(|_| cfg.model.path.clone());
     let search = Search {
         space: space.clone(),
@@ -154,16 +155,11 @@ pub fn run_search(cfg: &SearchConfig, device: Device, kind: Kind, opts: &RunOpti
     }
     let batch = cfg.needle.batch_size;
     let mut fitness = |long: &[f64]| -> Result<f64> {
-        lm.model.config.rope = longrope(&base, long, &short, attention_factor, l0);
+        extension.with_long(long).apply(&mut lm.model.config);
         Ok(needle_ppl(&lm.model, &samples, batch)?.ppl)
     };
     let result = search.run(&mut fitness, opts).context("search failed")?;
-    let factors = FactorsFile {
-        long_factor: result.long_factor.clone(),
-        short_factor: Some(short.clone()),
-        target_length: l,
-        original_length: l0,
-        notes: json!({
+    let factors = extension.with_long(&result.long_factor).factors_file(json!({
             "method": sc.mode.name(),
             "description": method_name(sc.mode),
             "fitness": result.best.fitness,
@@ -180,8 +176,7 @@ pub fn run_search(cfg: &SearchConfig, device: Device, kind: Kind, opts: &RunOpti
             "needle_seed": cfg.needle.seed,
             "search_seed": sc.seed,
             "model": model_path,
-        }),
-    };
+    }));
     let output = if result.finished {
         if let Some(dir) = cfg.output.factors.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;

@@ -1,4 +1,4 @@
-//! Needle-driven perplexity (rope-extension.md §3.5): the LongRoPE2 search's fitness.
+//! Needle-driven perplexity (docs/numerics.md §5): the LongRoPE2 search's fitness.
 //!
 //! A sample is exactly `L` tokens:
 //!
@@ -22,8 +22,8 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
 use longmix_data::Corpus;
-use longmix_model::{CausalLm, RopeConfig, RopeScaling, IGNORE_INDEX};
-use tch::{Device, Kind, Reduction, Tensor};
+use longmix_model::{CausalLm, IGNORE_INDEX};
+use tch::{Kind, Tensor};
 use tokenizers::Tokenizer;
 
 use crate::rng::Rng;
@@ -203,8 +203,8 @@ pub struct NeedleScore {
 }
 
 /// Score `samples` (all of one length) under `model` as it is configured, `batch_size` rows per
-/// forward, without gradients. Only the hidden states that predict answer tokens go through
-/// the LM head, so no `[B, L, vocab]` logits are made.
+/// forward, without gradients. Only the hidden states that predict answer tokens go through the
+/// LM head ([`CausalLm::head_nll`]), so no `[B, L, vocab]` logits are made.
 pub fn needle_ppl(model: &CausalLm, samples: &[NeedleSample], batch_size: usize) -> Result<NeedleScore> {
     if samples.is_empty() {
         bail!("no needle samples to score");
@@ -213,57 +213,24 @@ pub fn needle_ppl(model: &CausalLm, samples: &[NeedleSample], batch_size: usize)
     if samples.iter().any(|s| s.input_ids.len() != l) {
         bail!("needle samples must all have the same length");
     }
-    let head = model.lm_head_weight();
-    let device = head.device();
+    let device = model.lm_head_weight().device();
     let mut per_sample = Vec::with_capacity(samples.len());
     let (mut total, mut count) = (0.0f64, 0usize);
-    tch::no_grad(|| -> Result<()> {
-        for chunk in samples.chunks(batch_size.max(1)) {
-            let b = chunk.len() as i64;
-            let flat: Vec<i64> = chunk.iter().flat_map(|s| s.input_ids.iter().copied()).collect();
-            let input = Tensor::from_slice(&flat).view([b, l as i64]).to_device(device);
-            let pos = Tensor::arange(l as i64, (Kind::Int64, device)).unsqueeze(0).repeat([b, 1]);
-            let hidden = model.hidden_states(&input, &pos);
-            let a = chunk.iter().map(|s| s.answer_len).max().unwrap() as i64;
-            let start = l as i64 - 1 - a;
-            let hs = hidden.narrow(1, start, a);
-            let logits = hs.matmul(&head.tr()).to_kind(Kind::Float);
-            let v = logits.size()[2];
-            let tgt: Vec<i64> = chunk.iter().flat_map(|s| s.targets[start as usize..l - 1].iter().copied()).collect();
-            let tgt = Tensor::from_slice(&tgt).view([b, a]).to_device(device);
-            let nll = logits
-                .view([-1, v])
-                .cross_entropy_loss::<Tensor>(&tgt.view([-1]), None, Reduction::None, IGNORE_INDEX, 0.0)
-                .view([b, a])
-                .to_kind(Kind::Double)
-                .sum_dim_intlist([1i64].as_slice(), false, Kind::Double)
-                .to_device(Device::Cpu);
-            let sums = Vec::<f64>::try_from(nll)?;
-            for (s, sum) in chunk.iter().zip(sums) {
-                per_sample.push(sum / s.answer_len as f64);
-                total += sum;
-                count += s.answer_len;
-            }
+    for chunk in samples.chunks(batch_size.max(1)) {
+        let b = chunk.len() as i64;
+        let rows = |f: fn(&NeedleSample) -> &Vec<i64>| {
+            let flat: Vec<i64> = chunk.iter().flat_map(|s| f(s).iter().copied()).collect();
+            Tensor::from_slice(&flat).view([b, l as i64]).to_device(device)
+        };
+        let pos = Tensor::arange(l as i64, (Kind::Int64, device)).unsqueeze(0).repeat([b, 1]);
+        let loss = model.nll(&rows(|s| &s.input_ids), &pos, &rows(|s| &s.targets));
+        for ((s, sum), n) in chunk.iter().zip(&loss.row_nll).zip(&loss.row_tokens) {
+            debug_assert_eq!(*n as usize, s.answer_len);
+            per_sample.push(sum / s.answer_len as f64);
+            total += sum;
+            count += s.answer_len;
         }
-        Ok(())
-    })?;
+    }
     let mean_nll = total / count as f64;
     Ok(NeedleScore { ppl: mean_nll.exp(), mean_nll, tokens: count, per_sample_nll: per_sample })
-}
-
-/// The short factors that keep `rope`'s own short-window frequencies (all 1.0 for plain RoPE),
-/// as the trainer's default.
-pub fn own_short_factors(rope: &RopeConfig) -> Result<Vec<f64>> {
-    let plain = RopeConfig { scaling: RopeScaling::Default, ..rope.clone() }.inv_freq(1, Device::Cpu);
-    let own = rope.inv_freq(1, Device::Cpu);
-    Ok(Vec::<f64>::try_from((plain.to_kind(Kind::Double) / own.to_kind(Kind::Double)).to_kind(Kind::Double))?)
-}
-
-/// `rope` with LongRoPE factors: rows longer than `original` use `long`, others `short`.
-pub fn longrope(rope: &RopeConfig, long: &[f64], short: &[f64], attention_factor: f64, original: i64) -> RopeConfig {
-    RopeConfig {
-        original_max_position_embeddings: original,
-        scaling: RopeScaling::LongRope { short_factor: short.to_vec(), long_factor: long.to_vec(), attention_factor },
-        ..rope.clone()
-    }
 }

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use anyhow::Result;
-use longmix_model::{init_factors, FactorInit};
+use longmix_model::FactorSet;
 use longmix_search::ga::{GaParams, InitPopulation, RunOptions, Search, SearchState};
 use longmix_search::{Genes, Mode, Rng, Space};
 use serde_json::json;
@@ -151,8 +151,8 @@ fn every_longrope_v1_individual_respects_the_space() {
         let s = space.value(space.hi) - 1.0;
         let l = (l0 as f64 * s) as i64;
         let mut pool: Vec<Genes> = Vec::new();
-        for init in [FactorInit::Pi, FactorInit::Ntk, FactorInit::Yarn] {
-            let g = space.from_factors(&init_factors(init, theta, d_rot, l0, l));
+        for init in [FactorSet::Pi, FactorSet::Ntk, FactorSet::Yarn] {
+            let g = space.from_factors(&init.factors(theta, d_rot, l0, l));
             assert_v1_individual(&space, &g);
             pool.push(g);
         }

@@ -52,7 +52,8 @@ struct PlotArgs {
 #[derive(clap::Args, Clone, Debug)]
 pub struct RopeArgs {
     /// own (the checkpoint's config), pi, ntk (static NTK base change), dynamic (HF dynamic NTK),
-    /// yarn, or longrope (LongRoPE2-shaped initial factors); all but own need --target-length.
+    /// yarn, or a LongRoPE factor set: longrope2 (LongRoPE2's initial factors) or original;
+    /// all but own need --target-length.
     #[arg(long, default_value = "own")]
     pub rope: String,
     /// The window L to extend to (s = L / L0, L0 = the model's original window).
@@ -82,7 +83,7 @@ impl RopeArgs {
                 if self.rope != "own" {
                     bail!("give either --rope {} or --factors, not both", self.rope);
                 }
-                RopeOverride::Factors(f.clone())
+                RopeOverride::Extension(longmix_model::LongFactors::File(f.clone()))
             }
             None => RopeOverride::parse(&self.rope)?,
         };
@@ -131,9 +132,10 @@ struct PplArgs {
     /// JSONL field holding the text.
     #[arg(long, default_value = "text")]
     field: String,
-    /// JSONL field whose consecutive equal values make one document (e.g. book).
-    #[arg(long)]
-    group_by: Option<String>,
+    /// JSONL fields whose consecutive equal values make one document (e.g. book), comma-separated;
+    /// grouped records are joined with a newline, as `train` joins them.
+    #[arg(long, value_delimiter = ',')]
+    group_by: Vec<String>,
     /// Lengths in tokens, comma-separated (k = 1024): e.g. 1k,2k,4k,8k,16k.
     #[arg(long, default_value = "1k,2k,4k")]
     lengths: String,
@@ -343,7 +345,7 @@ fn run_ppl(a: PplArgs) -> Result<()> {
         bail!("perplexity needs lengths of at least 2 tokens");
     }
     let s = open(&a.common)?;
-    let docs = longmix_eval::ppl::load_documents(&a.text, &a.field, a.group_by.as_deref())?;
+    let docs = longmix_eval::ppl::load_documents(&a.text, &a.field, &a.group_by)?;
     let longest = *lengths.iter().max().unwrap();
     let tokenized = longmix_eval::ppl::tokenize_documents(&s.tok, &docs, longest, a.samples)?;
     let mut lm = TchLm::new(&s.lm.model, s.applied.string);
@@ -421,7 +423,7 @@ fn run_niah(a: NiahArgs) -> Result<()> {
         Haystack::noise(&s.tok)?
     } else {
         let path = PathBuf::from(&a.haystack);
-        let docs = longmix_eval::ppl::load_documents(&path, &a.field, None)?;
+        let docs = longmix_eval::ppl::load_documents(&path, &a.field, &[])?;
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         // Enough sentences for a few different stretches of the longest prompt.
         let longest = opts.lengths.iter().copied().max().unwrap_or(0);
