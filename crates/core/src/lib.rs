@@ -71,7 +71,7 @@ impl SplitMix64 {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.0 = self.0.wrapping_add(GOLDEN_GAMMA);
         mix64(self.0)
     }
 
@@ -80,13 +80,21 @@ impl SplitMix64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    /// Uniform integer in [0, n) (n > 0).
+    /// Uniform integer in [0, n) (n > 0), without modulo bias (Lemire's multiply-shift with
+    /// rejection; a draw is rejected with probability below n / 2^64).
     pub fn below(&mut self, n: u64) -> u64 {
         assert!(n > 0);
-        // Lemire's multiply-shift; the bias is below 2^-64 * n, irrelevant here.
-        ((self.next_u64() as u128 * n as u128) >> 64) as u64
+        loop {
+            let m = self.next_u64() as u128 * n as u128;
+            if (m as u64) >= n.wrapping_neg() % n {
+                return (m >> 64) as u64;
+            }
+        }
     }
 }
+
+/// SplitMix64's increment (2^64 / φ).
+pub const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// SplitMix64's output function: a bijective 64-bit mixer (also a good hash finaliser).
 pub fn mix64(mut z: u64) -> u64 {

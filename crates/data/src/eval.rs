@@ -8,13 +8,13 @@
 
 use crate::corpus::DocView;
 use crate::packing::{materialize, pad, Geometry};
-use crate::row::{DocSpan, Piece, Row, RowKind};
+use crate::row::{DocSpan, Piece, Row, Window};
 
 pub(crate) fn pack_eval(
     view: &DocView,
     g: Geometry,
     pad_id: u32,
-    kind: RowKind,
+    kind: Window,
     docs: &[(usize, usize)],
     n: usize,
 ) -> Vec<Row> {
@@ -31,7 +31,7 @@ pub(crate) fn pack_eval(
         }),
     };
     while rows.len() < n && i < docs.len() {
-        if kind == RowKind::Long {
+        if kind == Window::Long {
             // a long row must start with a piece longer than l0
             while i < docs.len() && view.vlen(docs[i].0, docs[i].1) - off <= g.l0 {
                 i += 1;
@@ -51,13 +51,13 @@ pub(crate) fn pack_eval(
             let (s, d) = docs[i];
             let rem = view.vlen(s, d) - off;
             let take = match kind {
-                RowKind::Short => rem.min(space).min(g.l0),
-                RowKind::Long => rem.min(space),
+                Window::Short => rem.min(space).min(g.l0),
+                Window::Long => rem.min(space),
             };
             pieces.push(piece(s, d, off, take));
             space -= take;
             let left = rem - take;
-            if left == 0 || (kind == RowKind::Long && left <= g.l0) {
+            if left == 0 || (kind == Window::Long && left <= g.l0) {
                 i += 1;
                 off = 0;
             } else {

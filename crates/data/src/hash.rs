@@ -4,13 +4,12 @@
 //! the seed and of these hashes, so runs are reproducible bit for bit on any machine and a
 //! resumed run sees exactly the rows an uninterrupted one would.
 
-/// SplitMix64 finaliser: a bijective 64-bit mixer with good avalanche.
+pub use longmix_core::SplitMix64;
+
+/// One SplitMix64 step from state `z`: a bijective 64-bit mixer with good avalanche.
 #[inline]
-pub fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+pub fn mix64(z: u64) -> u64 {
+    longmix_core::mix64(z.wrapping_add(longmix_core::GOLDEN_GAMMA))
 }
 
 /// Combine a list of words into one well-mixed 64-bit value (order-sensitive).
@@ -37,43 +36,6 @@ pub fn hash_tokens(tokens: impl IntoIterator<Item = u32>) -> u64 {
 #[inline]
 pub fn unit_f64(h: u64) -> f64 {
     (h >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// SplitMix64 generator (tiny, fast, statistically fine for shuffling).
-#[derive(Clone, Debug)]
-pub struct SplitMix64 {
-    state: u64,
-}
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        Self { state: seed }
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform integer in [0, n) (n > 0), without modulo bias (Lemire's method).
-    pub fn below(&mut self, n: u64) -> u64 {
-        debug_assert!(n > 0);
-        loop {
-            let x = self.next_u64();
-            let m = (x as u128) * (n as u128);
-            let low = m as u64;
-            if low >= n.wrapping_neg() % n {
-                return (m >> 64) as u64;
-            }
-        }
-    }
-
-    pub fn unit(&mut self) -> f64 {
-        unit_f64(self.next_u64())
-    }
 }
 
 /// Deterministic Fisher–Yates shuffle.

@@ -7,8 +7,8 @@
 //! ## Contract with the model
 //! A row's documents are delimited by `position_ids` restarting at 0; tokens attend only
 //! within their document. The row is LONG iff `max(position_ids) + 1 > l0`, else SHORT
-//! ([`RowKind::of`]). `targets[t] = input_ids[t+1]` when `t+1` is in the same document, else
-//! `-100` ([`IGNORE`]). The trainer normalises the loss by the sum of [`Row::n_targets`] over
+//! ([`Window::of_positions`]). `targets[t] = input_ids[t+1]` when `t+1` is in the same document, else
+//! `-100` ([`IGNORE_INDEX`]). The trainer normalises the loss by the sum of [`Row::n_targets`] over
 //! an optimizer step. See [`row`].
 //!
 //! ## Pipeline
@@ -50,7 +50,7 @@ pub use corpus::Corpus;
 pub use loader::{is_held_out, prepare_cache, Loader, LoaderState, SourceStats};
 pub use packing::StreamCursor;
 pub use prefetch::Prefetcher;
-pub use row::{DocSpan, Piece, Row, RowKind, IGNORE};
+pub use row::{DocSpan, Piece, Row, Window, IGNORE_INDEX};
 pub use synthetic::{random_row, random_rows};
 
 /// Write documents in the `tokens` source format (`path` and `path.idx`).

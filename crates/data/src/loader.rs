@@ -14,7 +14,7 @@ use crate::corpus::{Corpus, DocView};
 use crate::hash::{mix64, unit_f64};
 use crate::mixture::{pick_source, row_kind};
 use crate::packing::{materialize, plan_long, plan_short, Geometry, Stream, StreamCursor};
-use crate::row::{Piece, Row, RowKind};
+use crate::row::{Piece, Row, Window};
 use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -268,12 +268,12 @@ impl Loader {
         let short = short_docs
             .into_iter()
             .enumerate()
-            .map(|(s, d)| Stream::new(s, RowKind::Short, d, config.seed))
+            .map(|(s, d)| Stream::new(s, Window::Short, d, config.seed))
             .collect();
         let long = long_docs
             .into_iter()
             .enumerate()
-            .map(|(s, d)| Stream::new(s, RowKind::Long, d, config.seed))
+            .map(|(s, d)| Stream::new(s, Window::Long, d, config.seed))
             .collect();
         let fingerprint = fingerprint(&config, &corpus);
         let state = LoaderState {
@@ -437,7 +437,7 @@ impl Loader {
         };
         let st = &mut self.state;
         let (source, pieces) = match row_kind(index, self.config.short_share) {
-            RowKind::Short => {
+            Window::Short => {
                 let s = pick_source(&self.eligible_short, &self.weights, &st.short_rows);
                 st.short_rows[s] += 1;
                 (
@@ -451,7 +451,7 @@ impl Loader {
                     ),
                 )
             }
-            RowKind::Long => {
+            Window::Long => {
                 let s = pick_source(&self.eligible_long, &self.weights, &st.long_rows);
                 st.long_rows[s] += 1;
                 let tails = if self.config.wants_short() {
@@ -503,12 +503,12 @@ impl Loader {
     /// held-out documents longer than `l0` (each row starts with a piece longer than `l0`).
     /// The last row is padded; fewer than `n` rows come back when the held-out documents run
     /// out. Fails when there is no held-out document of that kind.
-    pub fn eval_rows(&self, kind: RowKind, n: usize) -> Result<Vec<Row>> {
+    pub fn eval_rows(&self, kind: Window, n: usize) -> Result<Vec<Row>> {
         let docs = match kind {
-            RowKind::Short => &self.eval_short,
-            RowKind::Long => &self.eval_long,
+            Window::Short => &self.eval_short,
+            Window::Long => &self.eval_long,
         };
-        if kind == RowKind::Long && self.config.seq_len <= self.config.l0 {
+        if kind == Window::Long && self.config.seq_len <= self.config.l0 {
             bail!(
                 "long eval rows need seq_len > l0 (seq_len = {}, l0 = {}); raise `seq_len`",
                 self.config.seq_len,
@@ -517,8 +517,8 @@ impl Loader {
         }
         if docs.is_empty() {
             let what = match kind {
-                RowKind::Short => format!("of at most l0 = {} tokens", self.config.l0),
-                RowKind::Long => format!("longer than l0 = {} tokens", self.config.l0),
+                Window::Short => format!("of at most l0 = {} tokens", self.config.l0),
+                Window::Long => format!("longer than l0 = {} tokens", self.config.l0),
             };
             bail!(
                 "no held-out document {what} (eval_fraction = {}); raise `eval_fraction` or add such documents",

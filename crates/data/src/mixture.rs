@@ -11,7 +11,7 @@
 //!   row counts kept in [`crate::LoaderState`]. Rows all have `seq_len` tokens, so row shares
 //!   are token shares.
 
-use crate::row::RowKind;
+use crate::row::Window;
 
 /// Short rows among the first `n` global rows: `round(n·short_share)`.
 fn shorts_before(n: u64, short_share: f64) -> u64 {
@@ -19,11 +19,11 @@ fn shorts_before(n: u64, short_share: f64) -> u64 {
 }
 
 /// The kind of global row `index`.
-pub fn row_kind(index: u64, short_share: f64) -> RowKind {
+pub fn row_kind(index: u64, short_share: f64) -> Window {
     if shorts_before(index + 1, short_share) > shorts_before(index, short_share) {
-        RowKind::Short
+        Window::Short
     } else {
-        RowKind::Long
+        Window::Long
     }
 }
 

@@ -20,7 +20,7 @@
 
 use crate::corpus::DocView;
 use crate::hash::{mix_all, shuffle};
-use crate::row::{DocSpan, Piece, Row, RowKind};
+use crate::row::{DocSpan, Piece, Row, Window};
 use serde::{Deserialize, Serialize};
 
 /// Where a stream is: epoch, position in that epoch's shuffled order, and tokens of the
@@ -35,7 +35,7 @@ pub struct StreamCursor {
 /// The training documents of one (source, kind), and the current epoch's order of them.
 pub(crate) struct Stream {
     pub source: usize,
-    pub kind: RowKind,
+    pub kind: Window,
     docs: Vec<u32>,
     seed: u64,
     order: Vec<u32>,
@@ -43,7 +43,7 @@ pub(crate) struct Stream {
 }
 
 impl Stream {
-    pub fn new(source: usize, kind: RowKind, docs: Vec<u32>, seed: u64) -> Stream {
+    pub fn new(source: usize, kind: Window, docs: Vec<u32>, seed: u64) -> Stream {
         Stream {
             source,
             kind,
@@ -64,8 +64,8 @@ impl Stream {
             self.order.clear();
             self.order.extend_from_slice(&self.docs);
             let k = match self.kind {
-                RowKind::Short => 0,
-                RowKind::Long => 1,
+                Window::Short => 0,
+                Window::Long => 1,
             };
             shuffle(
                 &mut self.order,

@@ -3,38 +3,17 @@
 //! A row is exactly `seq_len` tokens made of consecutive *pieces*. Each piece is its own
 //! document for the model: its `position_ids` run `0..len` (so a document boundary is where
 //! the position restarts at 0) and its tokens attend only within it. Targets:
-//! `targets[t] = input_ids[t+1]` when `t+1` is in the same piece, else [`IGNORE`] — the last
+//! `targets[t] = input_ids[t+1]` when `t+1` is in the same piece, else [`IGNORE_INDEX`] — the last
 //! token of every piece (and of the row) carries no loss, and the first token of a piece is
-//! never predicted from the previous one. Padding pieces have every target [`IGNORE`] and
+//! never predicted from the previous one. Padding pieces have every target [`IGNORE_INDEX`] and
 //! are at most `l0` long, so padding never turns a short row long.
 //!
 //! The RoPE window of a row is decided by the row: LONG iff `max(position_ids) + 1 > l0`,
-//! else SHORT ([`RowKind::of`]).
+//! else SHORT ([`Window::of_positions`]).
 
 use serde::{Deserialize, Serialize};
 
-/// Target value that carries no loss.
-pub const IGNORE: i64 = -100;
-
-/// Which RoPE window a row uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RowKind {
-    /// Every document fits the original window: max position < l0.
-    Short,
-    /// At least one document is longer than l0.
-    Long,
-}
-
-impl RowKind {
-    /// LONG iff `max(position_ids) + 1 > l0`, else SHORT (an empty row is SHORT).
-    pub fn of(position_ids: &[i64], l0: usize) -> RowKind {
-        match position_ids.iter().max() {
-            Some(&m) if m + 1 > l0 as i64 => RowKind::Long,
-            _ => RowKind::Short,
-        }
-    }
-}
+pub use longmix_core::{Window, IGNORE_INDEX};
 
 /// Where a piece's tokens come from.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -49,7 +28,7 @@ pub struct DocSpan {
     pub epoch: u64,
     /// The stream the document belongs to (a tail of a long document is `Long` even when it
     /// is trained in a short row).
-    pub stream: RowKind,
+    pub stream: Window,
 }
 
 /// One document of a row.
@@ -66,8 +45,8 @@ pub struct Row {
     pub input_ids: Vec<i64>,
     pub position_ids: Vec<i64>,
     pub targets: Vec<i64>,
-    pub kind: RowKind,
-    /// Number of targets that are not [`IGNORE`].
+    pub kind: Window,
+    /// Number of targets that are not [`IGNORE_INDEX`].
     pub n_targets: usize,
     /// Real (non-padding) tokens per source index, BOS/EOS included.
     pub source_tokens: Vec<usize>,
@@ -108,27 +87,20 @@ impl Row {
     ) -> Row {
         let n = tokens.len();
         debug_assert_eq!(n, pieces.iter().map(|p| p.len).sum::<usize>());
-        let mut position_ids = Vec::with_capacity(n);
-        let mut targets = Vec::with_capacity(n);
+        let position_ids: Vec<i64> = pieces.iter().flat_map(|p| 0..p.len as i64).collect();
+        let mut targets = longmix_core::next_token_targets(&tokens, &position_ids);
         let mut source_tokens = vec![0usize; n_sources];
         let mut at = 0usize;
         for p in &pieces {
-            for t in 0..p.len {
-                position_ids.push(t as i64);
-                let last = t + 1 == p.len;
-                targets.push(if p.origin.is_none() || last {
-                    IGNORE
-                } else {
-                    tokens[at + t + 1]
-                });
-            }
-            if let Some(o) = &p.origin {
-                source_tokens[o.source] += p.len;
+            match &p.origin {
+                Some(o) => source_tokens[o.source] += p.len,
+                // Padding predicts nothing.
+                None => targets[at..at + p.len].fill(IGNORE_INDEX),
             }
             at += p.len;
         }
-        let n_targets = targets.iter().filter(|&&t| t != IGNORE).count();
-        let kind = RowKind::of(&position_ids, l0);
+        let n_targets = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
+        let kind = Window::of_positions(&position_ids, l0 as i64);
         Row {
             input_ids: tokens,
             position_ids,

@@ -1,15 +1,15 @@
 //! Synthetic rows (tests and benchmarks of the model/trainer without a corpus).
 
 use crate::hash::{mix_all, SplitMix64};
-use crate::row::{DocSpan, Piece, Row, RowKind};
+use crate::row::{DocSpan, Piece, Row, Window};
 
 /// One random row of `kind` following the row contract: random token ids below `vocab_size`,
 /// random document lengths; a `Short` row's documents are all ≤ `l0`, a `Long` row starts
 /// with a document longer than `l0` (needs `seq_len > l0`). Its pieces claim source 0.
-pub fn random_row(kind: RowKind, seq_len: usize, l0: usize, vocab_size: u32, seed: u64) -> Row {
+pub fn random_row(kind: Window, seq_len: usize, l0: usize, vocab_size: u32, seed: u64) -> Row {
     assert!(vocab_size > 0 && seq_len > 0 && l0 > 0);
     assert!(
-        kind == RowKind::Short || seq_len > l0,
+        kind == Window::Short || seq_len > l0,
         "a long row needs seq_len > l0"
     );
     let mut rng = SplitMix64::new(mix_all(&[seed, 0x5EE7]));
@@ -29,7 +29,7 @@ pub fn random_row(kind: RowKind, seq_len: usize, l0: usize, vocab_size: u32, see
         });
         doc += 1;
     };
-    if kind == RowKind::Long {
+    if kind == Window::Long {
         let len = l0 + 1 + rng.below((seq_len - l0) as u64) as usize;
         push(len, &mut pieces);
         space -= len;
@@ -57,10 +57,10 @@ pub fn random_rows(
     let mut rng = SplitMix64::new(mix_all(&[seed, 0xA11]));
     (0..n)
         .map(|i| {
-            let kind = if rng.unit() < short_share {
-                RowKind::Short
+            let kind = if rng.next_f64() < short_share {
+                Window::Short
             } else {
-                RowKind::Long
+                Window::Long
             };
             random_row(kind, seq_len, l0, vocab_size, mix_all(&[seed, i as u64]))
         })

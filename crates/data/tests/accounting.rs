@@ -2,10 +2,10 @@
 //! held-out documents never trained, short share and source weights honoured.
 mod common;
 use common::*;
-use longmix_data::{is_held_out, Corpus, Loader, Row, RowKind, Shard};
+use longmix_data::{is_held_out, Corpus, Loader, Row, Window, Shard};
 use std::collections::BTreeMap;
 
-type Key = (usize, usize, RowKind, u64); // source, doc, stream, epoch
+type Key = (usize, usize, Window, u64); // source, doc, stream, epoch
 
 /// Collect the covered intervals per (source, doc, stream, epoch).
 fn coverage(rows: &[Row]) -> BTreeMap<Key, Vec<(usize, usize)>> {
@@ -61,14 +61,14 @@ fn run_accounting(short_share: f64, eval_fraction: f64) {
         for d in 0..shard.n_docs() {
             let vlen = docs[s][d].len() + 1;
             let stream = if short_share < 1.0 && vlen > 24 {
-                RowKind::Long
+                Window::Long
             } else {
-                RowKind::Short
+                Window::Short
             };
-            let other = if stream == RowKind::Long {
-                RowKind::Short
+            let other = if stream == Window::Long {
+                Window::Short
             } else {
-                RowKind::Long
+                Window::Long
             };
             if is_held_out(shard.doc_hash(d), eval_fraction) {
                 held_out += 1;
@@ -141,7 +141,7 @@ fn long_only_drops_tails_and_counts_them() {
     let mut l = mem_loader(&docs, cfg.clone(), 0, 1);
     for _ in 0..10 {
         let r = l.next_row();
-        assert_eq!(r.kind, RowKind::Long);
+        assert_eq!(r.kind, Window::Long);
         assert_eq!(r.pieces.len(), 1);
         check_row_contract(&r, &cfg, Some(&docs));
     }
@@ -159,7 +159,7 @@ fn short_share_is_honoured() {
         let mut l = mem_loader(&docs, cfg, 0, 1);
         let n = 3000;
         let shorts = (0..n)
-            .filter(|_| l.next_row().kind == RowKind::Short)
+            .filter(|_| l.next_row().kind == Window::Short)
             .count();
         let frac = shorts as f64 / n as f64;
         assert!((frac - share).abs() < 0.005, "share {share}: got {frac}");
@@ -175,11 +175,11 @@ fn every_window_of_rows_holds_the_share() {
     for share in [0.3, 0.5, 0.77] {
         let cfg = config(mem_sources(&[1.0]), 96, 32, share);
         let mut l = mem_loader(&docs, cfg, 0, 1);
-        let kinds: Vec<RowKind> = (0..600).map(|_| l.next_row().kind).collect();
+        let kinds: Vec<Window> = (0..600).map(|_| l.next_row().kind).collect();
         for n in 1..=40usize {
             let (lo, hi) = ((n as f64 * share).floor() as usize, (n as f64 * share).ceil() as usize);
             for w in kinds.windows(n) {
-                let shorts = w.iter().filter(|&&k| k == RowKind::Short).count();
+                let shorts = w.iter().filter(|&&k| k == Window::Short).count();
                 assert!(lo <= shorts && shorts <= hi, "share {share}: {shorts} short rows in a window of {n}");
             }
         }
@@ -194,11 +194,11 @@ fn source_weights_set_row_shares() {
     let mut per_source = [[0usize; 3]; 2];
     for _ in 0..2000 {
         let r = l.next_row();
-        let k = (r.kind == RowKind::Long) as usize;
+        let k = (r.kind == Window::Long) as usize;
         let s = r.source.unwrap();
         // apart from queued tails (short rows only), every token comes from that source
         let foreign: usize = (0..3).filter(|&x| x != s).map(|x| r.source_tokens[x]).sum();
-        if r.kind == RowKind::Long {
+        if r.kind == Window::Long {
             assert_eq!(foreign, 0);
         }
         per_source[k][s] += 1;

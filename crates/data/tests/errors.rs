@@ -289,7 +289,7 @@ fn no_held_out_rows_of_a_kind() {
     )
     .unwrap();
     let e = l
-        .eval_rows(longmix_data::RowKind::Long, 2)
+        .eval_rows(longmix_data::Window::Long, 2)
         .unwrap_err()
         .to_string();
     assert!(

@@ -1,15 +1,15 @@
-//! Row shape: the model contract on short and long rows, BOS/EOS, RowKind::of, synthetic rows.
+//! Row shape: the model contract on short and long rows, BOS/EOS, Window::of, synthetic rows.
 mod common;
 use common::*;
-use longmix_data::{random_row, random_rows, RowKind, IGNORE};
+use longmix_data::{random_row, random_rows, Window, IGNORE_INDEX};
 
 #[test]
 fn row_kind_rule() {
-    assert_eq!(RowKind::of(&[0, 1, 2, 3], 4), RowKind::Short); // max+1 = 4 = l0
-    assert_eq!(RowKind::of(&[0, 1, 2, 3, 4], 4), RowKind::Long); // max+1 = 5 > l0
-    assert_eq!(RowKind::of(&[0, 1, 0, 1, 2, 3], 4), RowKind::Short);
-    assert_eq!(RowKind::of(&[0, 1, 2, 3, 4, 0], 4), RowKind::Long);
-    assert_eq!(RowKind::of(&[], 4), RowKind::Short);
+    assert_eq!(Window::of_positions(&[0, 1, 2, 3], 4), Window::Short); // max+1 = 4 = l0
+    assert_eq!(Window::of_positions(&[0, 1, 2, 3, 4], 4), Window::Long); // max+1 = 5 > l0
+    assert_eq!(Window::of_positions(&[0, 1, 0, 1, 2, 3], 4), Window::Short);
+    assert_eq!(Window::of_positions(&[0, 1, 2, 3, 4, 0], 4), Window::Long);
+    assert_eq!(Window::of_positions(&[], 4), Window::Short);
 }
 
 #[test]
@@ -26,11 +26,11 @@ fn short_and_long_rows_follow_the_contract() {
         let row = l.next_row();
         check_row_contract(&row, &cfg, Some(&docs));
         match row.kind {
-            RowKind::Short => {
+            Window::Short => {
                 shorts += 1;
                 assert!(row.position_ids.iter().all(|&p| p < 16));
             }
-            RowKind::Long => {
+            Window::Long => {
                 longs += 1;
                 // the first piece of a long row is the long one
                 assert!(row.pieces[0].len > 16 && row.pieces[0].len <= 64);
@@ -73,7 +73,7 @@ fn document_boundaries_carry_no_target_and_bos_eos_are_placed() {
         );
         assert_eq!(
             row.targets[7 * k + 6],
-            IGNORE,
+            IGNORE_INDEX,
             "EOS does not predict the next document's BOS"
         );
     }
@@ -88,7 +88,7 @@ fn short_only_cuts_long_documents_at_l0() {
     for _ in 0..20 {
         let row = l.next_row();
         check_row_contract(&row, &cfg, Some(&docs));
-        assert_eq!(row.kind, RowKind::Short);
+        assert_eq!(row.kind, Window::Short);
         assert!(row.pieces.iter().all(|p| p.len <= 16));
     }
 }
@@ -97,22 +97,22 @@ fn short_only_cuts_long_documents_at_l0() {
 fn random_rows_follow_the_contract() {
     let cfg = config(mem_sources(&[1.0]), 96, 20, 0.5);
     let rows = random_rows(200, 96, 20, 1000, 0.5, 3);
-    let longs = rows.iter().filter(|r| r.kind == RowKind::Long).count();
+    let longs = rows.iter().filter(|r| r.kind == Window::Long).count();
     assert!((60..140).contains(&longs), "{longs}");
     for r in &rows {
         check_row_contract(r, &cfg, None);
         assert!(r.input_ids.iter().all(|&t| (0..1000).contains(&t)));
     }
     assert_eq!(
-        random_row(RowKind::Long, 96, 20, 1000, 9),
-        random_row(RowKind::Long, 96, 20, 1000, 9)
+        random_row(Window::Long, 96, 20, 1000, 9),
+        random_row(Window::Long, 96, 20, 1000, 9)
     );
     assert_eq!(
-        random_row(RowKind::Long, 96, 20, 1000, 9).kind,
-        RowKind::Long
+        random_row(Window::Long, 96, 20, 1000, 9).kind,
+        Window::Long
     );
     assert_eq!(
-        random_row(RowKind::Short, 96, 20, 1000, 9).kind,
-        RowKind::Short
+        random_row(Window::Short, 96, 20, 1000, 9).kind,
+        Window::Short
     );
 }

@@ -2,7 +2,7 @@
 //! parquet; cache reuse and invalidation; held-out rows; restore through files.
 mod common;
 use common::*;
-use longmix_data::{write_tokens_source, DataConfig, Loader, LoaderState, RowKind, SourceConfig};
+use longmix_data::{write_tokens_source, DataConfig, Loader, LoaderState, Window, SourceConfig};
 use std::path::{Path, PathBuf};
 
 fn jsonl(path: &Path, group_by: Option<Vec<&str>>) -> SourceConfig {
@@ -425,8 +425,8 @@ fn restore_through_files_take_20_then_30_equals_50() {
     rows.extend((0..30).map(|_| b.next_row()));
     assert_eq!(rows, fifty);
     assert!(
-        rows.iter().any(|r| r.kind == RowKind::Long)
-            && rows.iter().any(|r| r.kind == RowKind::Short)
+        rows.iter().any(|r| r.kind == Window::Long)
+            && rows.iter().any(|r| r.kind == Window::Short)
     );
 }
 
@@ -438,16 +438,16 @@ fn held_out_rows_are_fixed_and_disjoint_from_training() {
     let cache = dir.path().join("cache");
     let cfg = long_cfg(&path);
     let mut l = Loader::new(cfg.clone(), &tok, &cache, 0, 1).unwrap();
-    let short = l.eval_rows(RowKind::Short, 3).unwrap();
-    let long = l.eval_rows(RowKind::Long, 3).unwrap();
+    let short = l.eval_rows(Window::Short, 3).unwrap();
+    let long = l.eval_rows(Window::Long, 3).unwrap();
     assert!(!short.is_empty() && !long.is_empty());
     for r in &short {
-        assert_eq!(r.kind, RowKind::Short);
+        assert_eq!(r.kind, Window::Short);
         assert_eq!(r.input_ids.len(), 128);
         check_row_contract(r, &cfg, None);
     }
     for r in &long {
-        assert_eq!(r.kind, RowKind::Long);
+        assert_eq!(r.kind, Window::Long);
         assert!(r.pieces[0].len > 48);
         check_row_contract(r, &cfg, None);
     }
@@ -455,8 +455,8 @@ fn held_out_rows_are_fixed_and_disjoint_from_training() {
     let mut cfg2 = cfg.clone();
     cfg2.seed = 99;
     let l2 = Loader::new(cfg2, &tok, &cache, 1, 2).unwrap();
-    assert_eq!(l2.eval_rows(RowKind::Short, 3).unwrap(), short);
-    assert_eq!(l2.eval_rows(RowKind::Long, 3).unwrap(), long);
+    assert_eq!(l2.eval_rows(Window::Short, 3).unwrap(), short);
+    assert_eq!(l2.eval_rows(Window::Long, 3).unwrap(), long);
     // held-out documents never show up in training rows
     let eval_docs: std::collections::BTreeSet<usize> = short
         .iter()
@@ -475,7 +475,7 @@ fn held_out_rows_are_fixed_and_disjoint_from_training() {
         }
     }
     // asking for more rows than there are held-out documents gives fewer, padded at the end
-    let all = l.eval_rows(RowKind::Short, 1000).unwrap();
+    let all = l.eval_rows(Window::Short, 1000).unwrap();
     assert!(all.len() < 1000);
     assert!(all.last().unwrap().padding_tokens() > 0);
 }

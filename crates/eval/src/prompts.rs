@@ -25,7 +25,7 @@ pub fn sample_rng(seed: u64, parts: &[u64]) -> SplitMix64 {
     let mut h = SplitMix64::new(seed ^ 0x6C6F_6E67_6D69_78);
     let mut state = h.next_u64();
     for &p in parts {
-        state = SplitMix64::new(state ^ p.wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_u64();
+        state = SplitMix64::new(state ^ p.wrapping_mul(longmix_core::GOLDEN_GAMMA)).next_u64();
     }
     SplitMix64::new(state)
 }

@@ -7,15 +7,6 @@
 
 use serde::{Deserialize, Serialize};
 
-/// One SplitMix64 step (used to expand a seed into xoshiro's state).
-fn splitmix64(x: &mut u64) -> u64 {
-    *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *x;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// xoshiro256** (Blackman & Vigna).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rng {
@@ -24,8 +15,8 @@ pub struct Rng {
 
 impl Rng {
     pub fn new(seed: u64) -> Rng {
-        let mut x = seed;
-        Rng { s: [splitmix64(&mut x), splitmix64(&mut x), splitmix64(&mut x), splitmix64(&mut x)] }
+        let mut x = longmix_core::SplitMix64::new(seed);
+        Rng { s: [x.next_u64(), x.next_u64(), x.next_u64(), x.next_u64()] }
     }
 
     pub fn next_u64(&mut self) -> u64 {

@@ -1,53 +1,183 @@
-//! Atomic checkpoints: `<root>/step-00000123/`, written into `<root>/.step-00000123.tmp`,
-//! every file fsynced, a `MANIFEST.json` (file sizes) written last, then renamed into place and
-//! the root fsynced. A crash at any moment leaves either the previous checkpoints untouched or
-//! a `.tmp` folder that is ignored (and removed by the next save). On resume, a checkpoint whose
-//! files do not match its manifest is skipped with a warning naming it.
+//! Checkpoints: what they hold ([`Checkpoint`], one type for saving, resuming and exporting)
+//! and how they are written.
+//!
+//! `<root>/step-00000123/` is written into `<root>/.step-00000123.tmp`, every file fsynced, a
+//! `MANIFEST.json` (file sizes) written last, then renamed into place and the root fsynced. A
+//! crash at any moment leaves either the previous checkpoints untouched or a `.tmp` folder that
+//! is ignored (and removed by the next save); a save that fails (a full disk, say) removes its
+//! `.tmp` folder itself. On resume, a checkpoint whose files do not match its manifest is
+//! skipped with a warning naming it.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use longmix_core::fsx::fsync_dir;
+use longmix_data::LoaderState;
+use longmix_model::{Extension, LoadedModel};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tch::{Device, Tensor};
+
+use crate::config::TrainConfig;
+use crate::optim::AdamW;
 
 pub const MANIFEST: &str = "MANIFEST.json";
+
+/// The files of a checkpoint folder.
+pub mod files {
+    /// Weights (float32 masters' values as the model holds them), HF variable names.
+    pub const MODEL: &str = "model.safetensors";
+    /// AdamW moments (`m.NAME`, `v.NAME`) and masters (`master.NAME`).
+    pub const OPTIMIZER: &str = "optimizer.safetensors";
+    /// AdamW step count and config.
+    pub const OPTIMIZER_META: &str = "optimizer.json";
+    /// [`super::TrainerState`].
+    pub const STATE: &str = "trainer_state.json";
+    /// The run's resolved config.
+    pub const CONFIG: &str = "config.toml";
+}
+
+/// Everything besides weights and optimizer that a checkpoint holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub step: u64,
+    pub tokens_seen: u64,
+    pub loader: LoaderState,
+    /// The extension the run trains (fixed at the first step, so a resume never re-resolves it).
+    pub rope: Extension,
+}
+
+/// A complete checkpoint: the folder, the run's config and the trainer state. Weights and
+/// optimizer state are read on demand ([`Checkpoint::load_weights`], [`Checkpoint::load_optimizer`]).
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: TrainConfig,
+    pub state: TrainerState,
+}
+
+impl Checkpoint {
+    /// Write checkpoint `state.step` of `lm` and `opt` under `root`; returns its folder.
+    pub fn save(root: &Path, cfg: &TrainConfig, lm: &LoadedModel, opt: &AdamW, state: &TrainerState) -> Result<PathBuf> {
+        let bytes = Self::size_estimate(lm, opt);
+        save(root, state.step, bytes, |d| {
+            let named: Vec<(String, Tensor)> =
+                lm.vs.variables().into_iter().map(|(k, v)| (k, v.detach().to_device(Device::Cpu))).collect();
+            Tensor::write_safetensors(&named, d.join(files::MODEL))?;
+            let (tensors, meta) = opt.state();
+            Tensor::write_safetensors(&tensors, d.join(files::OPTIMIZER))?;
+            fs::write(d.join(files::OPTIMIZER_META), serde_json::to_string_pretty(&meta)?)?;
+            fs::write(d.join(files::STATE), serde_json::to_string_pretty(state)?)?;
+            fs::write(d.join(files::CONFIG), toml::to_string(cfg)?)?;
+            Ok(())
+        })
+    }
+
+    /// Open the checkpoint in `dir`: its manifest must verify.
+    pub fn load(dir: &Path) -> Result<Checkpoint> {
+        verify(dir).with_context(|| format!("{} is not a complete checkpoint", dir.display()))?;
+        let config = TrainConfig::read(&dir.join(files::CONFIG))?;
+        let path = dir.join(files::STATE);
+        let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let state = serde_json::from_str(&text).with_context(|| format!("{} is not a trainer state", path.display()))?;
+        Ok(Checkpoint { dir: dir.to_path_buf(), config, state })
+    }
+
+    /// Copy the checkpoint's weights into `lm` (whose extension must already be applied).
+    pub fn load_weights(&self, lm: &LoadedModel) -> Result<()> {
+        longmix_model::load::load_weights(&lm.vs, &self.dir)
+    }
+
+    pub fn load_optimizer(&self, opt: &mut AdamW) -> Result<()> {
+        let path = self.dir.join(files::OPTIMIZER);
+        let saved: BTreeMap<String, Tensor> = Tensor::read_safetensors(&path)
+            .with_context(|| format!("cannot read optimizer state {}", path.display()))?
+            .into_iter()
+            .collect();
+        let meta_path = self.dir.join(files::OPTIMIZER_META);
+        let meta: serde_json::Value = serde_json::from_str(&fs::read_to_string(&meta_path)?)
+            .with_context(|| format!("{} is not valid JSON", meta_path.display()))?;
+        opt.load_state(&saved, &meta).with_context(|| format!("optimizer state {}", path.display()))
+    }
+
+    /// Bytes one checkpoint of this model and optimizer takes (weights as held plus optimizer
+    /// state; the small JSON/TOML files are left out).
+    pub fn size_estimate(lm: &LoadedModel, opt: &AdamW) -> u64 {
+        let weights: u64 = lm.vs.variables().values().map(|t| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64).sum();
+        let elements: u64 = lm.vs.variables().values().map(|t| t.numel() as u64).sum();
+        weights + elements * opt.state_bytes_per_element()
+    }
+}
 
 fn dir_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
-fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)?.sync_all()?;
-    Ok(())
+/// Free bytes for an unprivileged writer on the file system holding `path` (None where unknown).
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
 }
 
-/// Write checkpoint `step` under `root`: `fill` writes its files into the folder it is given.
-/// Returns the final folder.
-pub fn save(root: &Path, step: u64, fill: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+fn gb(bytes: u64) -> String {
+    format!("{:.2} GB", bytes as f64 / 1e9)
+}
+
+/// A warning when `root`'s file system has less free space than `keep + 1` checkpoints of
+/// `bytes` each need (the kept ones plus the one being written); None when it has enough.
+pub fn space_warning(root: &Path, bytes: u64, keep: usize) -> Option<String> {
+    let free = free_bytes(root)?;
+    let copies = if keep == 0 { 1 } else { keep as u64 + 1 };
+    let need = bytes.saturating_mul(copies);
+    (free < need).then(|| {
+        format!(
+            "{} has {} free, but {copies} checkpoint(s) of about {} each need {}: free space, lower checkpoint.keep, or point checkpoint.dir elsewhere",
+            root.display(),
+            gb(free),
+            gb(bytes),
+            gb(need)
+        )
+    })
+}
+
+/// Whether `e` comes from a full disk.
+fn is_disk_full(e: &anyhow::Error) -> bool {
+    let io_full = e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC)));
+    let text = format!("{e:#}");
+    io_full || text.contains("StorageFull") || text.contains("No space left on device")
+}
+
+/// Write checkpoint `step` under `root`: `fill` writes its files into the folder it is given;
+/// `bytes` is the expected size (for the message when the disk fills up). Returns the final
+/// folder. On failure nothing of this save is left behind.
+pub fn save(root: &Path, step: u64, bytes: u64, fill: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
     fs::create_dir_all(root).with_context(|| format!("cannot create checkpoint folder {}", root.display()))?;
     let tmp = root.join(format!(".{}.tmp", dir_name(step)));
     if tmp.exists() {
         fs::remove_dir_all(&tmp)?;
     }
-    fs::create_dir(&tmp)?;
-    fill(&tmp)?;
-    let mut files = serde_json::Map::new();
-    let mut names: Vec<_> = fs::read_dir(&tmp)?.collect::<std::io::Result<Vec<_>>>()?;
-    names.sort_by_key(|e| e.file_name());
-    for entry in names {
-        let path = entry.path();
-        File::open(&path)?.sync_all()?;
-        files.insert(entry.file_name().to_string_lossy().into_owned(), json!(entry.metadata()?.len()));
+    let written = write_folder(&tmp, step, fill);
+    if let Err(e) = written {
+        let _ = fs::remove_dir_all(&tmp);
+        if is_disk_full(&e) {
+            let free = free_bytes(root).map_or("unknown".into(), gb);
+            bail!(
+                "cannot save checkpoint step {step} in {}: the disk is full (the checkpoint needs about {}, {free} is free);                  the partial checkpoint was removed and the previous ones are intact. Free space, lower checkpoint.keep,                  or point checkpoint.dir elsewhere, then resume with --resume ({e})",
+                root.display(),
+                gb(bytes),
+            );
+        }
+        return Err(e.context(format!("cannot save checkpoint step {step} in {}; the partial checkpoint was removed", root.display())));
     }
-    let manifest = json!({ "step": step, "files": files });
-    let mpath = tmp.join(MANIFEST);
-    fs::write(&mpath, serde_json::to_string_pretty(&manifest)?)?;
-    File::open(&mpath)?.sync_all()?;
-    fsync_dir(&tmp)?;
     let dst = root.join(dir_name(step));
     if dst.exists() {
-        // Re-saving a step (e.g. a signal right after a periodic save): replace it atomically
-        // enough — the old copy is only removed once the new one is complete.
+        // Re-saving a step (e.g. a signal right after a periodic save): the old copy is only
+        // removed once the new one is complete.
         let old = root.join(format!(".{}.old", dir_name(step)));
         fs::rename(&dst, &old)?;
         fs::rename(&tmp, &dst)?;
@@ -57,6 +187,24 @@ pub fn save(root: &Path, step: u64, fill: impl FnOnce(&Path) -> Result<()>) -> R
     }
     fsync_dir(root)?;
     Ok(dst)
+}
+
+/// Fill `tmp`, fsync every file, write the manifest last.
+fn write_folder(tmp: &Path, step: u64, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    fs::create_dir(tmp)?;
+    fill(tmp)?;
+    let mut files = serde_json::Map::new();
+    let mut names: Vec<_> = fs::read_dir(tmp)?.collect::<std::io::Result<Vec<_>>>()?;
+    names.sort_by_key(|e| e.file_name());
+    for entry in names {
+        File::open(entry.path())?.sync_all()?;
+        files.insert(entry.file_name().to_string_lossy().into_owned(), json!(entry.metadata()?.len()));
+    }
+    let manifest = json!({ "step": step, "files": files });
+    let mpath = tmp.join(MANIFEST);
+    fs::write(&mpath, serde_json::to_string_pretty(&manifest)?)?;
+    File::open(&mpath)?.sync_all()?;
+    fsync_dir(tmp)
 }
 
 /// Check `dir` against its manifest; the error says what is wrong.
@@ -125,7 +273,7 @@ mod tests {
     fn save_list_verify_prune() {
         let root = tempfile::tempdir().unwrap();
         for step in [10, 20, 30] {
-            save(root.path(), step, |d| write(d, "w.bin", &[step as u8; 16])).unwrap();
+            save(root.path(), step, 16, |d| write(d, "w.bin", &[step as u8; 16])).unwrap();
         }
         assert_eq!(list(root.path()).iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![10, 20, 30]);
         prune(root.path(), 2).unwrap();
@@ -136,20 +284,47 @@ mod tests {
     #[test]
     fn a_failed_save_leaves_the_previous_checkpoint_as_latest() {
         let root = tempfile::tempdir().unwrap();
-        save(root.path(), 1, |d| write(d, "w.bin", b"good")).unwrap();
-        let err = save(root.path(), 2, |d| {
+        save(root.path(), 1, 4, |d| write(d, "w.bin", b"good")).unwrap();
+        let err = save(root.path(), 2, 4, |d| {
             write(d, "w.bin", b"half")?;
             bail!("killed mid-save")
         });
         assert!(err.is_err());
         assert_eq!(latest_valid(root.path()).unwrap(), root.path().join("step-00000001"));
+        let left: Vec<_> = fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("step-00000001")], "the failed save's .tmp folder is gone");
+    }
+
+    #[test]
+    fn a_full_disk_is_named_and_cleaned_up() {
+        let root = tempfile::tempdir().unwrap();
+        save(root.path(), 1, 4, |d| write(d, "w.bin", b"good")).unwrap();
+        let e = save(root.path(), 2, 7_000_000_000, |d| {
+            write(d, "w.bin", b"partial")?;
+            Err(std::io::Error::from_raw_os_error(libc::ENOSPC)).context("writing w.bin")
+        })
+        .unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(msg.contains("the disk is full") && msg.contains("7.00 GB") && msg.contains("free"), "{msg}");
+        assert!(msg.contains("checkpoint.keep") && msg.contains("--resume"), "{msg}");
+        assert!(!root.path().join(".step-00000002.tmp").exists());
+        assert_eq!(latest_valid(root.path()).unwrap(), root.path().join("step-00000001"));
+    }
+
+    #[test]
+    fn too_little_space_for_the_kept_checkpoints_is_warned() {
+        let root = tempfile::tempdir().unwrap();
+        let free = free_bytes(root.path()).expect("statvfs works on a temporary folder");
+        assert!(space_warning(root.path(), 1, 3).is_none());
+        let w = space_warning(root.path(), free / 2, 3).expect("4 copies of half the free space do not fit");
+        assert!(w.contains("4 checkpoint(s)") && w.contains("checkpoint.keep"), "{w}");
     }
 
     #[test]
     fn a_truncated_checkpoint_is_skipped() {
         let root = tempfile::tempdir().unwrap();
-        save(root.path(), 1, |d| write(d, "w.bin", b"good")).unwrap();
-        let two = save(root.path(), 2, |d| write(d, "w.bin", b"also good")).unwrap();
+        save(root.path(), 1, 4, |d| write(d, "w.bin", b"good")).unwrap();
+        let two = save(root.path(), 2, 9, |d| write(d, "w.bin", b"also good")).unwrap();
         fs::write(two.join("w.bin"), b"trunc").unwrap();
         assert!(verify(&two).unwrap_err().to_string().contains("w.bin is 5 bytes"));
         assert_eq!(latest_valid(root.path()).unwrap(), root.path().join("step-00000001"));

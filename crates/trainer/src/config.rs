@@ -3,11 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+pub use longmix_core::config::ModelSection;
 use longmix_data::SourceConfig;
-use longmix_model::FactorInit;
-pub use longmix_search::config::AttentionFactor;
-use longmix_search::config::from_toml;
+use longmix_model::{AttentionFactor, ExtensionSpec, FactorSet, LongFactors};
 use serde::{Deserialize, Serialize};
 
 use crate::optim::AdamWConfig;
@@ -35,19 +34,6 @@ pub struct TrainConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ModelSection {
-    /// Hugging Face model folder.
-    pub path: PathBuf,
-    /// Compute dtype: f32, bf16 or f16 (masters and optimizer state stay float32).
-    #[serde(default = "default_f32")]
-    pub dtype: String,
-    /// auto, cpu, cuda or cuda:N.
-    #[serde(default = "default_auto")]
-    pub device: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RopeSection {
     /// The new window L.
     pub target_length: i64,
@@ -60,15 +46,16 @@ pub struct RopeSection {
     /// ... or read from a factors file written by `longmix search` ...
     #[serde(default)]
     pub factors_file: Option<PathBuf>,
-    /// ... or initialised in closed form (default longrope-ntk-init).
+    /// ... or a closed-form factor set (default longrope2: LongRoPE2's initial factors).
     #[serde(default)]
-    pub init: Option<FactorInit>,
-    /// Short factors (default all 1.0: short rows use the original RoPE, as LongRoPE2 does).
+    pub init: Option<FactorSet>,
+    /// Short factors (default: a factors file's own, else the model's own short-window
+    /// frequencies, all 1.0 for plain RoPE: short rows keep the original RoPE, as LongRoPE2 does).
     #[serde(default)]
     pub short_factor: Option<Vec<f64>>,
     /// "longrope" (default: sqrt(1 + ln(L/L0) / ln L0), what transformers derives when the
-    /// config has none), "none" (1.0) or a number; applied to short and long rows alike, as
-    /// transformers applies the exported one.
+    /// config has none), "native" (the factor set's own), "none" (1.0) or a number; applied to
+    /// short and long rows alike, as transformers applies the exported one.
     #[serde(default)]
     pub attention_factor: AttentionFactor,
 }
@@ -122,7 +109,7 @@ pub struct TrainSection {
     /// LM head + loss this many tokens at a time (0 = all at once).
     #[serde(default)]
     pub loss_chunk: i64,
-    /// CPU threads for LibTorch (default: LibTorch's choice).
+    /// Earlier spelling of `model.threads` (still read).
     #[serde(default)]
     pub threads: Option<i32>,
 }
@@ -198,14 +185,8 @@ pub struct LogSection {
     pub no_progress: bool,
 }
 
-fn default_f32() -> String {
-    "f32".into()
-}
 fn default_bf16() -> String {
     "bf16".into()
-}
-fn default_auto() -> String {
-    "auto".into()
 }
 fn default_short_share() -> f64 {
     0.3
@@ -244,14 +225,35 @@ fn default_eval_rows() -> usize {
 impl TrainConfig {
     /// Parse and validate `path`; relative paths inside are taken from the current directory.
     pub fn read(path: &Path) -> Result<TrainConfig> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
-        Self::parse(&text).with_context(|| format!("invalid config {}", path.display()))
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| e.context(format!("invalid config {}", path.display())))
     }
 
     pub fn parse(text: &str) -> Result<TrainConfig> {
-        let cfg: TrainConfig = from_toml(text)?;
+        let mut cfg: TrainConfig = longmix_core::config::from_toml(text)?;
         cfg.validate()?;
+        if cfg.model.threads.is_none() {
+            cfg.model.threads = cfg.train.threads.take();
+        }
         Ok(cfg)
+    }
+
+    /// `[rope]` as an extension to resolve against the model.
+    pub fn extension_spec(&self) -> ExtensionSpec {
+        let r = &self.rope;
+        let long = match (&r.long_factor, &r.factors_file, r.init) {
+            (Some(list), _, _) => LongFactors::List(list.clone()),
+            (None, Some(path), _) => LongFactors::File(path.clone()),
+            (None, None, init) => LongFactors::Set(init.unwrap_or(FactorSet::Longrope2)),
+        };
+        ExtensionSpec {
+            target_length: Some(r.target_length),
+            original_length: r.original_length,
+            long,
+            short: r.short_factor.clone(),
+            attention: r.attention_factor,
+        }
     }
 
     /// Checks that need no files.
@@ -274,12 +276,8 @@ impl TrainConfig {
         if t.loss_chunk < 0 {
             bail!("key `train.loss_chunk`: {} must be >= 0 (0 = no chunking)", t.loss_chunk);
         }
-        let d = &self.data;
-        if !(0.0..=1.0).contains(&d.short_share) {
-            bail!("key `data.short_share`: {} must be in [0, 1]", d.short_share);
-        }
-        if !(0.0..1.0).contains(&d.eval_fraction) {
-            bail!("key `data.eval_fraction`: {} must be in [0, 1)", d.eval_fraction);
+        if t.threads.is_some() && self.model.threads.is_some() {
+            bail!("keys `train.threads` and `model.threads`: give only `model.threads`");
         }
         if !(self.optim.lr > 0.0) {
             bail!("key `optim.lr`: {} must be > 0", self.optim.lr);
@@ -352,11 +350,14 @@ dir = "runs/x"
     #[test]
     fn bad_values_say_what_is_allowed() {
         let e = err(&MINIMAL.replace("[rope]\n", "[rope]\nattention_factor = \"su\"\n"));
-        assert!(e.contains("rope.attention_factor") && e.contains("\"longrope\", \"none\" or a positive number"), "{e}");
+        assert!(e.contains("rope.attention_factor") && e.contains("\"longrope\", \"native\", \"none\" or a positive number"), "{e}");
         let e = err(&MINIMAL.replace("[rope]\n", "[rope]\ninit = \"ntk\"\nlong_factor = [1.0]\n"));
         assert!(e.contains("only one of"), "{e}");
         let e = err(&MINIMAL.replace("[rope]\n", "[rope]\ninit = \"ntk-by-parts\"\n"));
-        assert!(e.contains("rope.init") && e.contains("ntk-by-parts"), "{e}");
+        assert!(e.contains("rope.init") && e.contains("ntk-by-parts") && e.contains("longrope2"), "{e}");
+        // The earlier spelling of the LongRoPE2 initial factors still reads.
+        let c = TrainConfig::parse(&MINIMAL.replace("[rope]\n", "[rope]\ninit = \"longrope-ntk-init\"\n")).unwrap();
+        assert_eq!(c.rope.init, Some(FactorSet::Longrope2));
         let e = err(&MINIMAL.replace("steps = 10", "steps = 10\ntokens = 5"));
         assert!(e.contains("not both"), "{e}");
     }

@@ -8,6 +8,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde_json::json;
 
+use crate::train::StepStats;
+
 pub struct Metrics {
     file: File,
 }
@@ -40,9 +42,7 @@ impl Metrics {
                 .map(|l| format!("{l}\n"))
                 .collect();
             if kept.len() != text.len() {
-                let tmp = path.with_extension("jsonl.tmp");
-                std::fs::write(&tmp, kept).with_context(|| format!("cannot write {}", tmp.display()))?;
-                std::fs::rename(&tmp, path)?;
+                longmix_core::fsx::write_atomic(path, kept.as_bytes())?;
             }
         }
         Self::open(path, true)
@@ -68,24 +68,19 @@ impl Metrics {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn step(
-        &mut self,
-        step: u64,
-        loss: f64,
-        loss_short: Option<f64>,
-        loss_long: Option<f64>,
-        lr: f64,
-        grad_norm: f64,
-        tokens_per_s: f64,
-        step_s: f64,
-        tokens_seen: u64,
-    ) -> Result<()> {
+    /// One optimizer step's line.
+    pub fn step(&mut self, s: &StepStats) -> Result<()> {
         self.write(json!({
-            "event": "step", "step": step, "loss": loss, "loss_short": loss_short, "loss_long": loss_long,
-            "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "step_s": step_s,
-            "tokens_seen": tokens_seen, "peak_rss_mb": peak_rss_mb(),
+            "event": "step", "step": s.step, "loss": s.loss, "loss_short": s.loss_short, "loss_long": s.loss_long,
+            "rows_short": s.rows_short, "rows_long": s.rows_long, "window_mismatches": s.window_mismatches,
+            "lr": s.lr, "grad_norm": s.grad_norm, "tokens_per_s": s.tokens as f64 / s.seconds, "step_s": s.seconds,
+            "tokens_seen": s.tokens_seen, "peak_rss_mb": peak_rss_mb(),
         }))
+    }
+
+    /// Something a person should look at (e.g. a collapsed gradient), with the step it concerns.
+    pub fn warning(&mut self, step: u64, message: &str) -> Result<()> {
+        self.write(json!({ "event": "warning", "step": step, "message": message }))
     }
 
     pub fn eval(&mut self, step: u64, short: Option<f64>, long: Option<f64>) -> Result<()> {

@@ -8,7 +8,6 @@
 //! here: gradients are upcast, the masters updated, then cast back into the model.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -101,9 +100,9 @@ impl AdamW {
         Tensor::stack(&sq, 0).sum(Kind::Float).sqrt().double_value(&[])
     }
 
-    /// One update at learning rate `lr`; returns the gradient norm before clipping.
-    pub fn step(&mut self, lr: f64) -> f64 {
-        let norm = self.grad_norm();
+    /// One update at learning rate `lr`, given the gradient norm before clipping
+    /// ([`AdamW::grad_norm`], which the caller checks first).
+    pub fn step(&mut self, lr: f64, norm: f64) {
         let clip = if self.config.grad_clip > 0.0 { (self.config.grad_clip / (norm + 1e-6)).min(1.0) } else { 1.0 };
         self.step += 1;
         let [b1, b2] = self.config.betas;
@@ -133,7 +132,6 @@ impl AdamW {
                 }
             }
         });
-        norm
     }
 
     /// Clear every gradient.
@@ -146,8 +144,9 @@ impl AdamW {
         }
     }
 
-    /// Save moments, masters and the step count to `dir/optimizer.safetensors` + `optimizer.json`.
-    pub fn save(&self, dir: &Path) -> Result<()> {
+    /// Moments and masters as named CPU tensors, and the step count with the config (what a
+    /// checkpoint stores; see `checkpoint.rs`).
+    pub fn state(&self) -> (Vec<(String, Tensor)>, serde_json::Value) {
         let mut named: Vec<(String, Tensor)> = Vec::new();
         for (name, s) in &self.slots {
             named.push((format!("m.{name}"), s.m.to_device(tch::Device::Cpu)));
@@ -156,25 +155,16 @@ impl AdamW {
                 named.push((format!("master.{name}"), master.to_device(tch::Device::Cpu)));
             }
         }
-        Tensor::write_safetensors(&named, dir.join("optimizer.safetensors"))?;
-        let meta = serde_json::json!({ "step": self.step, "config": self.config });
-        std::fs::write(dir.join("optimizer.json"), serde_json::to_string_pretty(&meta)?)?;
-        Ok(())
+        (named, serde_json::json!({ "step": self.step, "config": self.config }))
     }
 
-    /// Restore what [`AdamW::save`] wrote; every slot must be present with its shape.
-    pub fn load(&mut self, dir: &Path) -> Result<()> {
-        let path = dir.join("optimizer.safetensors");
-        let saved: BTreeMap<String, Tensor> = Tensor::read_safetensors(&path)
-            .with_context(|| format!("cannot read optimizer state {}", path.display()))?
-            .into_iter()
-            .collect();
-        let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("optimizer.json"))?)?;
+    /// Restore what [`AdamW::state`] gave; every slot must be present with its shape.
+    pub fn load_state(&mut self, saved: &BTreeMap<String, Tensor>, meta: &serde_json::Value) -> Result<()> {
         tch::no_grad(|| -> Result<()> {
             for (name, s) in self.slots.iter_mut() {
                 for (key, dst) in [("m", &mut s.m), ("v", &mut s.v)] {
                     let src = saved.get(&format!("{key}.{name}")).ok_or_else(|| {
-                        anyhow::anyhow!("optimizer state {} lacks {key}.{name}: it belongs to another model", path.display())
+                        anyhow::anyhow!("the optimizer state lacks {key}.{name}: it belongs to another model")
                     })?;
                     if src.size() != dst.size() {
                         bail!("optimizer state {key}.{name} has shape {:?}, the parameter {:?}", src.size(), dst.size());
@@ -184,14 +174,20 @@ impl AdamW {
                 if let Some(master) = &mut s.master {
                     let src = saved
                         .get(&format!("master.{name}"))
-                        .ok_or_else(|| anyhow::anyhow!("optimizer state lacks master.{name}"))?;
+                        .ok_or_else(|| anyhow::anyhow!("the optimizer state lacks master.{name}"))?;
                     master.copy_(src);
                     s.param.copy_(master);
                 }
             }
             Ok(())
         })?;
-        self.step = meta["step"].as_u64().context("optimizer.json lacks step")?;
+        self.step = meta["step"].as_u64().context("the optimizer state lacks its step count")?;
         Ok(())
+    }
+
+    /// Bytes of optimizer state per parameter element (two float32 moments, plus a float32
+    /// master when the model computes in bf16/f16).
+    pub fn state_bytes_per_element(&self) -> u64 {
+        8 + if self.slots.values().any(|s| s.master.is_some()) { 4 } else { 0 }
     }
 }

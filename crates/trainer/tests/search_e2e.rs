@@ -7,8 +7,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{run_ok, smollm2, tiny_model, workspace};
-use longmix_model::{init_factors, load_model, load_tokenizer, FactorInit, FactorsFile, IGNORE_INDEX};
-use longmix_search::needle::{build_samples, longrope, needle_ppl, own_short_factors, Document, NeedleOptions, T1};
+use longmix_model::{load_model, load_tokenizer, AttentionFactor, Extension, ExtensionSpec, FactorSet, FactorsFile, LongFactors, IGNORE_INDEX};
+use longmix_search::needle::{build_samples, needle_ppl, Document, NeedleOptions, T1};
 use tch::{Device, Kind, Tensor};
 
 /// Sentences of docs/sample.txt, one per line, rotated by `i` and repeated to `lines` lines.
@@ -121,19 +121,28 @@ fn needle_ppl_is_the_answer_tokens_nll_under_the_configured_factors() {
         .map(|i| Document { id: format!("{i}"), tokens: tok.encode(document_text(i, 20), false).unwrap().get_ids().to_vec() })
         .collect();
     let samples = build_samples(&tok, &docs, &NeedleOptions { length: 128, samples: 5, documents: 2, seed: 0, bos: None }).unwrap();
-    let base = lm.model.config.rope.clone();
-    let short = own_short_factors(&base).unwrap();
-    assert!(short.iter().all(|&x| x == 1.0));
-    let pi = init_factors(FactorInit::Pi, base.theta, base.d_rot, 64, 128);
-    lm.model.config.rope = longrope(&base, &pi, &short, 1.0, 64);
+    let spec = ExtensionSpec {
+        target_length: Some(128),
+        original_length: Some(64),
+        long: LongFactors::Set(FactorSet::Pi),
+        short: None,
+        attention: AttentionFactor::None,
+    };
+    let pi = Extension::resolve(&spec, &lm.model.config.rope).unwrap();
+    assert!(pi.short_factor.iter().all(|&x| x == 1.0), "plain RoPE's own short factors are 1");
+    pi.apply(&mut lm.model.config);
     let score = needle_ppl(&lm.model, &samples, 2).unwrap();
-    // The same number from the model's own summed NLL over full logits.
+    // The same number from full logits of the model's forward.
     let flat: Vec<i64> = samples.iter().flat_map(|s| s.input_ids.clone()).collect();
     let tgt: Vec<i64> = samples.iter().flat_map(|s| s.targets.clone()).collect();
     let ids = Tensor::from_slice(&flat).view([5, 128]);
     let targets = Tensor::from_slice(&tgt).view([5, 128]);
     let pos = Tensor::arange(128, (Kind::Int64, Device::Cpu)).unsqueeze(0).repeat([5, 1]);
-    let (sum, count) = tch::no_grad(|| lm.model.nll(&ids, &pos, &targets));
+    let logp = tch::no_grad(|| lm.model.forward(&ids, &pos)).view([5 * 128, -1]).log_softmax(-1, Kind::Double);
+    let flat_t = targets.view([-1]);
+    let keep = flat_t.ne(IGNORE_INDEX);
+    let count = keep.sum(Kind::Int64).int64_value(&[]);
+    let sum = -logp.gather(1, &flat_t.clamp_min(0).unsqueeze(1), false).squeeze_dim(1).masked_select(&keep).sum(Kind::Double);
     let mean = sum.double_value(&[]) / count as f64;
     assert_eq!(count as usize, score.tokens);
     assert!((mean - score.mean_nll).abs() < 1e-4, "needle_ppl {} vs nll {mean}", score.mean_nll);
@@ -141,7 +150,7 @@ fn needle_ppl_is_the_answer_tokens_nll_under_the_configured_factors() {
     // Batch size does not change it; the factors do (rows of 128 > L0 = 64 are long rows).
     let one = needle_ppl(&lm.model, &samples, 1).unwrap();
     assert!((one.mean_nll - score.mean_nll).abs() < 1e-5);
-    lm.model.config.rope = longrope(&base, &vec![1.0; pi.len()], &short, 1.0, 64);
+    pi.with_long(&vec![1.0; pi.long_factor.len()]).apply(&mut lm.model.config);
     let original = needle_ppl(&lm.model, &samples, 2).unwrap();
     assert!((original.mean_nll - score.mean_nll).abs() > 1e-4, "PI and original RoPE must score differently: {} vs {}", original.mean_nll, score.mean_nll);
 }

@@ -145,7 +145,47 @@ fn loss_is_normalised_over_the_whole_step() {
     assert_eq!(steps.len(), 6);
     for v in steps {
         assert!(v["loss_short"].is_number() && v["loss_long"].is_number(), "a step without both kinds: {v}");
+        // The model ran one row with each factor set, and on every row its window agreed with
+        // the kind the loader built the row for.
+        assert_eq!((v["rows_short"].as_u64(), v["rows_long"].as_u64()), (Some(1), Some(1)), "{v}");
+        assert_eq!(v["window_mismatches"], 0, "loader and model disagree on a row's window: {v}");
     }
+}
+
+#[test]
+fn a_diverged_run_stops_before_saving_or_exporting() {
+    let run = Run::new("steps = 4");
+    let cfg = run.config();
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("steps = 6\n", "").replace("every = 2", "every = 1");
+    // A learning rate that blows the weights up to infinity on the first update, no clipping.
+    let text = text.replace("lr = 1e-3", "lr = 1e37\ngrad_clip = 0.0");
+    let text = format!("{text}\n[export]\ndir = \"{}/export\"\n", run.root.display());
+    std::fs::write(&cfg, text).unwrap();
+    let o = common::bin().args(["train", "--config", &cfg]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a diverged run must fail");
+    assert!(err.contains("training diverged") && err.contains("step 2") && err.contains("--resume"), "{err}");
+    // Step 1 was still finite and is the latest checkpoint; nothing after it, no export.
+    assert!(run.root.join("ckpt/step-00000001").is_dir());
+    assert_eq!(longmix_ckpts(&run.root.join("ckpt")), 1);
+    assert!(!run.root.join("export").exists());
+}
+
+#[test]
+fn a_collapsed_run_is_warned_in_the_log_and_the_metrics() {
+    let run = Run::new("steps = 3");
+    let cfg = run.config();
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("steps = 6\n", "");
+    std::fs::write(&cfg, text.replace("lr = 1e-3", "lr = 1e6\ngrad_clip = 0.0")).unwrap();
+    let o = common::bin().args(["train", "--config", &cfg]).output().unwrap();
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let warnings: Vec<_> =
+        metrics(&run.root.join("ckpt/metrics.jsonl")).into_iter().filter(|v| v["event"] == "warning").collect();
+    // Step 1 still learns; from step 2 on the gradient is exactly 0 at the uniform loss.
+    assert_eq!(warnings.iter().map(|w| w["step"].as_u64().unwrap()).collect::<Vec<_>>(), vec![2, 3], "{out}\n{err}");
+    let msg = warnings[0]["message"].as_str().unwrap();
+    assert!(msg.contains("collapsed") && msg.contains("ln(vocabulary)") && msg.contains("optim.lr"), "{msg}");
+    assert!(err.contains("the gradient norm is 0"), "the warning is shown in the log:\n{err}");
 }
 
 #[test]

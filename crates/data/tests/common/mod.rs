@@ -2,7 +2,7 @@
 //! plus `<s>` = 256 and `</s>` = 257), configs and in-memory corpora.
 #![allow(dead_code)]
 
-use longmix_data::{Corpus, DataConfig, Loader, Row, RowKind, SourceConfig, IGNORE};
+use longmix_data::{Corpus, DataConfig, Loader, Row, Window, SourceConfig, IGNORE_INDEX};
 use std::path::{Path, PathBuf};
 
 pub const BOS: u32 = 256;
@@ -157,10 +157,10 @@ pub fn check_row_contract(row: &Row, cfg: &DataConfig, docs: Option<&[Vec<Vec<u3
             let expect = if p.origin.is_some() && i + 1 < p.len {
                 row.input_ids[at + i + 1]
             } else {
-                IGNORE
+                IGNORE_INDEX
             };
             assert_eq!(row.targets[at + i], expect, "target at {}", at + i);
-            if expect != IGNORE {
+            if expect != IGNORE_INDEX {
                 n_targets += 1;
             }
         }
@@ -186,13 +186,13 @@ pub fn check_row_contract(row: &Row, cfg: &DataConfig, docs: Option<&[Vec<Vec<u3
         at += p.len;
     }
     assert_eq!(row.n_targets, n_targets);
-    assert_eq!(row.kind, RowKind::of(&row.position_ids, cfg.l0));
+    assert_eq!(row.kind, Window::of_positions(&row.position_ids, cfg.l0 as i64));
     match row.kind {
-        RowKind::Short => assert!(
+        Window::Short => assert!(
             row.pieces.iter().all(|p| p.len <= cfg.l0),
             "short row has a piece > l0"
         ),
-        RowKind::Long => assert!(
+        Window::Long => assert!(
             row.pieces.iter().any(|p| p.len > cfg.l0),
             "long row without a piece > l0"
         ),

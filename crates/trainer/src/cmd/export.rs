@@ -2,11 +2,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use tch::Kind;
 
-use crate::config::TrainConfig;
-use crate::train::{export, TrainerState};
+use crate::checkpoint::Checkpoint;
+use crate::train::export;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -25,11 +25,9 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    crate::checkpoint::verify(&a.checkpoint).with_context(|| format!("{} is not a complete checkpoint", a.checkpoint.display()))?;
-    let cfg = TrainConfig::read(&a.checkpoint.join("config.toml"))?;
-    let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(a.checkpoint.join("trainer_state.json"))?)?;
-    let mut lm = longmix_model::load_model(&cfg.model.path, Kind::Float, tch::Device::Cpu)?;
-    state.rope.apply(&mut lm);
-    longmix_model::load::load_weights(&lm.vs, &a.checkpoint)?;
-    export(&lm, &cfg, &state.rope, &a.out, &a.dtype, a.max_shard_mb)
+    let c = Checkpoint::load(&a.checkpoint)?;
+    let mut lm = longmix_model::load_model(&c.config.model.path, Kind::Float, tch::Device::Cpu)?;
+    c.state.rope.apply(&mut lm.model.config);
+    c.load_weights(&lm)?;
+    export(&lm, &c.config.model.path, &c.state.rope, &a.out, &a.dtype, a.max_shard_mb)
 }

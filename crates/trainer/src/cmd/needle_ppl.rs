@@ -1,11 +1,12 @@
-//! `longmix needle-ppl`: needle-driven perplexity (rope-extension.md §3.5) of a model at length L
+//! `longmix needle-ppl`: needle-driven perplexity (docs/numerics.md §3.5) of a model at length L
 //! under one or more factor sets, on the same samples: the search's fitness, by hand.
 //!
-//! Factor sets: `model` (the model's own RoPE, as its config.json says), `original` (plain RoPE,
-//! extrapolated), `pi`, `ntk`, `yarn`, `longrope2` (the LongRoPE2 initial shape), or the path of
-//! a factors file. Each gets its method's own attention factor unless `--attention-factor` says
+//! Factor sets: `own` (the model's own RoPE, as its config.json says; `model` also reads), or a
+//! LongRoPE extension ([`longmix_model::Extension`]) with the long factors of `original` (plain
+//! RoPE, extrapolated), `pi`, `ntk`, `yarn`, `longrope2` (the LongRoPE2 initial shape) or a
+//! factors file. Each gets its method's own attention factor unless `--attention-factor` says
 //! otherwise (`native`: 1 for original/pi/ntk, 0.1·ln s + 1 for yarn, sqrt(1 + ln s / ln L0) for
-//! longrope2 and files, or the value a search recorded in the file's notes).
+//! longrope2, the value a search recorded in a file's notes).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -13,10 +14,11 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use longmix_data::SourceConfig;
-use longmix_model::{init_factors, rope::longrope_attention_factor, FactorInit, FactorsFile};
+use longmix_model::extension::{parse_long_factors, window_lengths};
+use longmix_model::{AttentionFactor, Extension, ExtensionSpec, FactorSet};
 use longmix_search::config::AddBos;
 use longmix_search::driver::{needle_samples, NeedleData};
-use longmix_search::needle::{longrope, needle_ppl, own_short_factors};
+use longmix_search::needle::needle_ppl;
 use serde_json::json;
 
 use crate::device::ComputeArgs;
@@ -57,12 +59,12 @@ pub struct Args {
     /// auto (the tokenizer decides), true or false.
     #[arg(long, default_value = "auto")]
     add_bos: String,
-    /// Comma-separated factor sets: model, original, pi, ntk, yarn, longrope2, or factors files.
+    /// Comma-separated factor sets: own, original, pi, ntk, yarn, longrope2, or factors files.
     #[arg(long, value_delimiter = ',', default_value = "pi,ntk,yarn,longrope2")]
     factors: Vec<String>,
     /// native, longrope, none or a number.
     #[arg(long, default_value = "native")]
-    attention_factor: String,
+    attention_factor: AttentionFactor,
     /// Rows per forward pass.
     #[arg(long, default_value_t = 1)]
     batch_size: usize,
@@ -102,12 +104,9 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--samples and --batch-size must be at least 1");
     }
     let mut lm = longmix_model::load_model(&a.model, kind, device)?;
-    let base = lm.model.config.rope.clone();
-    let l0 = a.original_length.unwrap_or(base.original_max_position_embeddings);
-    let l = a.target_length;
-    if l <= l0 {
-        bail!("--target-length {l} must exceed the original window L0 = {l0}");
-    }
+    let base = lm.model.config.clone();
+    let (l, l0) = window_lengths(a.target_length, a.original_length, &base.rope)
+        .map_err(|e| anyhow::anyhow!("--target-length {e}"))?;
     let s = l as f64 / l0 as f64;
     let data = NeedleData {
         sources: std::slice::from_ref(&source),
@@ -117,10 +116,7 @@ pub fn run(a: Args) -> Result<()> {
         seed: a.seed,
         add_bos,
     };
-    let samples = needle_samples(&a.model, lm.model.config.bos_token_id, l as usize, &data)?;
-    let short = own_short_factors(&base)?;
-    let su = longrope_attention_factor(s, l0);
-    let yarn_af = 0.1 * s.ln() + 1.0;
+    let samples = needle_samples(&a.model, base.bos_token_id, l as usize, &data)?;
     if !a.json {
         println!(
             "needle-driven PPL: {} samples of {l} tokens (L0 = {l0}, s = {s}), {} answer tokens each; {} rows per forward",
@@ -131,42 +127,32 @@ pub fn run(a: Args) -> Result<()> {
         println!("{:<28} {:>9} {:>12} {:>10} {:>9}", "factors", "attn", "needle PPL", "mean NLL", "seconds");
     }
     for name in &a.factors {
-        let (long, native, label): (Option<Vec<f64>>, f64, String) = match name.as_str() {
-            "model" => (None, base.attention_factor(), "model (as configured)".into()),
-            "original" => (Some(vec![1.0; base.n_pairs() as usize]), 1.0, "original (extrapolate)".into()),
-            "pi" => (Some(init_factors(FactorInit::Pi, base.theta, base.d_rot, l0, l)), 1.0, "pi".into()),
-            "ntk" => (Some(init_factors(FactorInit::Ntk, base.theta, base.d_rot, l0, l)), 1.0, "ntk".into()),
-            "yarn" => (Some(init_factors(FactorInit::Yarn, base.theta, base.d_rot, l0, l)), yarn_af, "yarn".into()),
-            "longrope2" | "longrope-ntk-init" => (
-                Some(init_factors(FactorInit::LongropeNtkInit, base.theta, base.d_rot, l0, l)),
-                su,
-                "longrope2 (init)".into(),
-            ),
-            path => {
-                let f = FactorsFile::read(std::path::Path::new(path))
-                    .with_context(|| format!("--factors {path:?} is neither model, original, pi, ntk, yarn, longrope2 nor a factors file"))?;
-                if (f.target_length, f.original_length) != (l, l0) {
-                    bail!("{path} was made for {} -> {}, but this measures {l0} -> {l}", f.original_length, f.target_length);
+        let label = match name.as_str() {
+            "own" | "model" => {
+                lm.model.config = base.clone();
+                "own (as configured)".to_string()
+            }
+            other => {
+                let long = parse_long_factors(other).with_context(|| format!("--factors {other:?}"))?;
+                let spec = ExtensionSpec {
+                    target_length: Some(l),
+                    original_length: Some(l0),
+                    long,
+                    short: None,
+                    attention: a.attention_factor,
+                };
+                let ext = Extension::resolve(&spec, &base.rope).with_context(|| format!("--factors {other}"))?;
+                lm.model.config = base.clone();
+                ext.apply(&mut lm.model.config);
+                match other.parse::<FactorSet>() {
+                    Ok(FactorSet::Original) => "original (extrapolate)".into(),
+                    Ok(FactorSet::Longrope2) => "longrope2 (init)".into(),
+                    Ok(set) => set.name().into(),
+                    Err(_) => other.to_string(),
                 }
-                if f.long_factor.len() != base.n_pairs() as usize {
-                    bail!("{path} has {} long factors, this model needs d_rot/2 = {}", f.long_factor.len(), base.n_pairs());
-                }
-                let af = f.notes["attention_factor"].as_f64().unwrap_or(su);
-                (Some(f.long_factor), af, path.to_string())
             }
         };
-        let af = match a.attention_factor.as_str() {
-            "native" => native,
-            "longrope" => su,
-            "none" => 1.0,
-            v => v.parse::<f64>().ok().filter(|x| x.is_finite() && *x > 0.0).with_context(|| {
-                format!("--attention-factor {v:?}: use native, longrope, none or a positive number")
-            })?,
-        };
-        lm.model.config.rope = match &long {
-            Some(long) => longrope(&base, long, &short, af, l0),
-            None => base.clone(),
-        };
+        let shown_af = lm.model.config.rope.attention_factor();
         let bar = if a.json {
             ProgressBar::hidden()
         } else {
@@ -186,7 +172,6 @@ pub fn run(a: Args) -> Result<()> {
         bar.finish_and_clear();
         let mean = total / count as f64;
         let secs = t0.elapsed().as_secs_f64();
-        let shown_af = if long.is_none() { base.attention_factor() } else { af };
         if a.json {
             println!(
                 "{}",

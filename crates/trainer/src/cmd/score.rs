@@ -67,10 +67,9 @@ pub fn run(a: Args) -> Result<()> {
     for w in &windows {
         let input = Tensor::from_slice(w).unsqueeze(0).to_device(device);
         let pos = Tensor::arange(w.len() as i64, (Kind::Int64, device)).unsqueeze(0);
-        let targets = longmix_model::next_token_targets(&input, &pos);
-        let (sum, n) = tch::no_grad(|| lm.model.nll(&input, &pos, &targets));
-        nll += sum.double_value(&[]);
-        count += n;
+        let loss = lm.model.nll(&input, &pos, &longmix_model::batch_targets(&input, &pos));
+        nll += loss.sum();
+        count += loss.tokens();
         bar.inc(1);
     }
     bar.finish_and_clear();
