@@ -18,10 +18,7 @@ pub fn libtorch_dir() -> PathBuf {
     });
     let dir = PathBuf::from(dir);
     if !dir.join("lib").is_dir() {
-        panic!(
-            "{} has no lib/ folder: run launch/setup.sh to install torch==2.11.0 into .venv",
-            dir.display()
-        );
+        panic!("{} has no lib/ folder: run launch/setup.sh to install torch==2.11.0 into .venv", dir.display());
     }
     dir.canonicalize().expect("canonicalize LIBTORCH")
 }
@@ -46,8 +43,9 @@ pub fn record_libtorch_version() {
     let version = std::fs::read_to_string(&file)
         .ok()
         .and_then(|text| {
-            text.lines()
-                .find_map(|l| l.strip_prefix("__version__ = ").map(|v| v.trim_matches(|c| c == '\'' || c == '"').to_string()))
+            text.lines().find_map(|l| {
+                l.strip_prefix("__version__ = ").map(|v| v.trim_matches(|c| c == '\'' || c == '"').to_string())
+            })
         })
         .unwrap_or_else(|| "unknown".to_string());
     println!("cargo:rustc-env=LONGMIX_LIBTORCH_VERSION={version}");

@@ -69,16 +69,14 @@ pub(crate) enum Bytes {
 
 impl Bytes {
     pub(crate) fn map(path: &Path) -> Result<Bytes> {
-        let file =
-            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let len = file.metadata()?.len();
         if len == 0 {
             return Ok(Bytes::Owned(Vec::new()));
         }
         // SAFETY: cache files are written once and never modified in place (new content gets
         // a new key); a tokens source file changing under us would change its key next run.
-        let map = unsafe { memmap2::Mmap::map(&file) }
-            .with_context(|| format!("mapping {}", path.display()))?;
+        let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
         Ok(Bytes::Mapped(map))
     }
 
@@ -161,12 +159,7 @@ pub fn source_key(cfg: &SourceConfig, files: &[FileInfo], tokenizer_sha256: &str
     h.update(format!("longmix-data cache format {CACHE_FORMAT}\n"));
     h.update(serde_json::to_string(&zero_weight(cfg)).unwrap());
     for f in files {
-        h.update(format!(
-            "\n{}\t{}\t{}",
-            f.path.display(),
-            f.size,
-            f.mtime_ns
-        ));
+        h.update(format!("\n{}\t{}\t{}", f.path.display(), f.size, f.mtime_ns));
     }
     h.update("\ntokenizer ");
     h.update(tokenizer_sha256);
@@ -187,10 +180,7 @@ fn zero_weight(cfg: &SourceConfig) -> SourceConfig {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The tokenizer plus what identifies it.
@@ -202,21 +192,12 @@ pub struct TokenizerInfo {
 
 impl TokenizerInfo {
     pub fn load(path: &Path) -> Result<TokenizerInfo> {
-        let bytes = std::fs::read(path).with_context(|| {
-            format!(
-                "reading tokenizer \"{}\"; pass the model's tokenizer.json",
-                path.display()
-            )
-        })?;
-        let tokenizer = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
-            anyhow::anyhow!("{} is not a valid tokenizer.json: {e}", path.display())
-        })?;
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("reading tokenizer \"{}\"; pass the model's tokenizer.json", path.display()))?;
+        let tokenizer = tokenizers::Tokenizer::from_bytes(&bytes)
+            .map_err(|e| anyhow::anyhow!("{} is not a valid tokenizer.json: {e}", path.display()))?;
         let vocab_size = tokenizer.get_vocab_size(true);
-        Ok(TokenizerInfo {
-            tokenizer,
-            sha256: sha256_hex(&bytes),
-            vocab_size,
-        })
+        Ok(TokenizerInfo { tokenizer, sha256: sha256_hex(&bytes), vocab_size })
     }
 }
 
@@ -232,12 +213,8 @@ pub fn open_or_build(
     let dir = cache_dir.join(&key);
     let mut built = false;
     if !dir.join("meta.json").is_file() {
-        std::fs::create_dir_all(cache_dir).with_context(|| {
-            format!(
-                "creating cache folder {}; pass a writable cache_dir",
-                cache_dir.display()
-            )
-        })?;
+        std::fs::create_dir_all(cache_dir)
+            .with_context(|| format!("creating cache folder {}; pass a writable cache_dir", cache_dir.display()))?;
         build(cfg, index, &files, tok, &key, cache_dir)?;
         built = true;
     }
@@ -245,14 +222,14 @@ pub fn open_or_build(
         &std::fs::read(dir.join("meta.json"))
             .with_context(|| format!("reading {}", dir.join("meta.json").display()))?,
     )
-    .with_context(|| {
-        format!(
-            "{}: corrupt cache metadata; delete that folder to rebuild it",
-            dir.display()
-        )
-    })?;
+    .with_context(|| format!("{}: corrupt cache metadata; delete that folder to rebuild it", dir.display()))?;
     if meta.format != CACHE_FORMAT || meta.key != key {
-        bail!("{}: cache metadata does not match (format {}, key {}); delete that folder to rebuild it", dir.display(), meta.format, meta.key);
+        bail!(
+            "{}: cache metadata does not match (format {}, key {}); delete that folder to rebuild it",
+            dir.display(),
+            meta.format,
+            meta.key
+        );
     }
     let tokens = match cfg {
         SourceConfig::Tokens { .. } => Bytes::map(&files[0].path)?,
@@ -268,25 +245,10 @@ pub fn open_or_build(
         || hashes.as_slice().len() != n_docs * 8
         || tokens.as_slice().len() as u64 != meta.n_tokens * 4
     {
-        bail!(
-            "{}: cache files have unexpected sizes (truncated?); delete that folder to rebuild it",
-            dir.display()
-        );
+        bail!("{}: cache files have unexpected sizes (truncated?); delete that folder to rebuild it", dir.display());
     }
-    let shard = Shard {
-        tokens,
-        offsets,
-        hashes,
-        n_docs,
-    };
-    let report = CacheReport {
-        source_index: index,
-        key,
-        dir,
-        built,
-        n_docs: meta.n_docs,
-        n_tokens: meta.n_tokens,
-    };
+    let shard = Shard { tokens, offsets, hashes, n_docs };
+    let report = CacheReport { source_index: index, key, dir, built, n_docs: meta.n_docs, n_tokens: meta.n_tokens };
     Ok((shard, report))
 }
 
@@ -306,10 +268,7 @@ fn build(
     key: &str,
     cache_dir: &Path,
 ) -> Result<()> {
-    let nonce = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let tmp = TempDir(cache_dir.join(format!(".tmp-{key}-{}-{nonce}", std::process::id())));
     std::fs::create_dir_all(&tmp.0).with_context(|| format!("creating {}", tmp.0.display()))?;
     let (n_docs, n_tokens, max_id) = match cfg {
@@ -320,10 +279,7 @@ fn build(
         format: CACHE_FORMAT,
         key: key.to_string(),
         source: zero_weight(cfg),
-        files: files
-            .iter()
-            .map(|f| (f.path.clone(), f.size, f.mtime_ns))
-            .collect(),
+        files: files.iter().map(|f| (f.path.clone(), f.size, f.mtime_ns)).collect(),
         tokenizer_sha256: tok.sha256.clone(),
         n_docs,
         n_tokens,
@@ -335,9 +291,7 @@ fn build(
         Ok(()) => {}
         // Another process finished the same cache first: use theirs.
         Err(_) if dst.join("meta.json").is_file() => {}
-        Err(e) => {
-            return Err(e).with_context(|| format!("moving the new cache into {}", dst.display()))
-        }
+        Err(e) => return Err(e).with_context(|| format!("moving the new cache into {}", dst.display())),
     }
     Ok(())
 }
@@ -360,11 +314,7 @@ impl ShardWriter {
                 std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?,
             ))
         };
-        let tokens = if with_tokens {
-            open("tokens.u32")?
-        } else {
-            open(".unused")?
-        };
+        let tokens = if with_tokens { open("tokens.u32")? } else { open(".unused")? };
         let mut w = ShardWriter {
             tokens,
             offsets: open("offsets.u64")?,
@@ -388,8 +338,7 @@ impl ShardWriter {
         if let Some(&m) = ids.iter().max() {
             self.max_id = Some(self.max_id.map_or(m, |x| x.max(m)));
         }
-        self.hashes
-            .write_all(&hash_tokens(ids.iter().copied()).to_le_bytes())?;
+        self.hashes.write_all(&hash_tokens(ids.iter().copied()).to_le_bytes())?;
         self.n_docs += 1;
         Ok(())
     }
@@ -442,11 +391,7 @@ fn tokenize_source(
             w.push(e.get_ids(), true)?;
         }
         let secs = start.elapsed().as_secs_f64().max(1e-9);
-        pb.set_message(format!(
-            "{} docs, {:.0} docs/s",
-            w.n_docs,
-            w.n_docs as f64 / secs
-        ));
+        pb.set_message(format!("{} docs, {:.0} docs/s", w.n_docs, w.n_docs as f64 / secs));
         Ok(())
     };
     read_documents(cfg, index, files, &mut |text, bytes_done| {
@@ -463,12 +408,7 @@ fn tokenize_source(
     pb.finish_and_clear();
     let _ = std::fs::remove_file(dir.join(".unused"));
     let out = w.finish()?;
-    tracing::info!(
-        "sources[{index}]: {} docs, {} tokens in {:.1}s",
-        out.0,
-        out.1,
-        start.elapsed().as_secs_f64()
-    );
+    tracing::info!("sources[{index}]: {} docs, {} tokens in {:.1}s", out.0, out.1, start.elapsed().as_secs_f64());
     Ok(out)
 }
 
@@ -497,17 +437,10 @@ fn index_token_file(
     let tokens = Bytes::map(tok_path)?;
     let offsets = Bytes::map(idx)?;
     let n_tokens = files[0].size / 4;
-    let offs: Vec<u64> = offsets
-        .as_slice()
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let offs: Vec<u64> =
+        offsets.as_slice().chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
     if offs[0] != 0 {
-        bail!(
-            "sources[{index}] (tokens source): {} must start with offset 0, found {}",
-            idx.display(),
-            offs[0]
-        );
+        bail!("sources[{index}] (tokens source): {} must start with offset 0, found {}", idx.display(), offs[0]);
     }
     if let Some(i) = offs.windows(2).position(|w| w[1] < w[0]) {
         bail!(
@@ -526,12 +459,7 @@ fn index_token_file(
             tok_path.display()
         );
     }
-    let shard = Shard {
-        tokens,
-        offsets,
-        hashes: Bytes::Owned(Vec::new()),
-        n_docs: offs.len() - 1,
-    };
+    let shard = Shard { tokens, offsets, hashes: Bytes::Owned(Vec::new()), n_docs: offs.len() - 1 };
     let mut w = ShardWriter::create(dir, false)?;
     for i in 0..shard.n_docs() {
         let ids: Vec<u32> = shard.doc_tokens(i, 0, shard.doc_len(i)).collect();

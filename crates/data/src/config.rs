@@ -91,7 +91,8 @@ impl SourceConfig {
     /// default `join`, anything else as `text` (one document per file). `eval ppl`, `eval niah`
     /// and `needle-ppl` use this, so they read exactly the documents `train` and `search` read.
     pub fn from_path(path: &std::path::Path, text_field: &str, group_by: &[String]) -> SourceConfig {
-        let jsonl_ext = path.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e, "jsonl" | "ndjson" | "json"));
+        let jsonl_ext =
+            path.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e, "jsonl" | "ndjson" | "json"));
         let jsonl_dir = path.is_dir() && (!group_by.is_empty() || text_field != default_text_field());
         if jsonl_ext || jsonl_dir {
             SourceConfig::Jsonl {
@@ -197,9 +198,7 @@ impl DataConfig {
             }
         }
         if self.l0 == 0 {
-            bail!(
-                "data config: `l0` = 0; set it to the model's original context length (e.g. 4096)"
-            );
+            bail!("data config: `l0` = 0; set it to the model's original context length (e.g. 4096)");
         }
         if self.seq_len == 0 {
             bail!("data config: `seq_len` = 0; set it to the training row length T");
@@ -221,10 +220,7 @@ impl DataConfig {
             );
         }
         if !(0.0..1.0).contains(&self.eval_fraction) {
-            bail!(
-                "data config: `eval_fraction` = {} must be in [0, 1) (e.g. 0.01)",
-                self.eval_fraction
-            );
+            bail!("data config: `eval_fraction` = {} must be in [0, 1) (e.g. 0.01)", self.eval_fraction);
         }
         if self.add_bos && self.bos_id.is_none() {
             bail!("data config: `add_bos = true` needs `bos_id` (the tokenizer's BOS token id)");

@@ -14,11 +14,7 @@ pub struct Corpus {
 
 impl Corpus {
     /// Open (tokenizing on first use) every source through the cache in `cache_dir`.
-    pub fn open(
-        sources: &[SourceConfig],
-        tokenizer: &TokenizerInfo,
-        cache_dir: &Path,
-    ) -> Result<Corpus> {
+    pub fn open(sources: &[SourceConfig], tokenizer: &TokenizerInfo, cache_dir: &Path) -> Result<Corpus> {
         let mut shards = Vec::with_capacity(sources.len());
         let mut reports = Vec::with_capacity(sources.len());
         for (i, s) in sources.iter().enumerate() {
@@ -31,10 +27,7 @@ impl Corpus {
 
     /// An in-memory corpus: `sources[s][d]` is document `d` of source `s` (tests, benchmarks).
     pub fn from_docs(sources: &[Vec<Vec<u32>>]) -> Corpus {
-        Corpus {
-            shards: sources.iter().map(|d| Shard::from_docs(d)).collect(),
-            reports: Vec::new(),
-        }
+        Corpus { shards: sources.iter().map(|d| Shard::from_docs(d)).collect(), reports: Vec::new() }
     }
 
     pub fn n_sources(&self) -> usize {

@@ -22,13 +22,7 @@ pub(crate) fn pack_eval(
     let (mut i, mut off) = (0usize, 0usize);
     let piece = |s: usize, d: usize, start: usize, len: usize| Piece {
         len,
-        origin: Some(DocSpan {
-            source: s,
-            doc: d,
-            start,
-            epoch: 0,
-            stream: kind,
-        }),
+        origin: Some(DocSpan { source: s, doc: d, start, epoch: 0, stream: kind }),
     };
     while rows.len() < n && i < docs.len() {
         if kind == Window::Long {

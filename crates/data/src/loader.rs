@@ -89,16 +89,10 @@ pub fn is_held_out(doc_hash: u64, eval_fraction: f64) -> bool {
 
 /// Tokenize every source of `config` into `cache_dir` now (e.g. once, before launching the
 /// data-parallel ranks, which would otherwise all tokenize a missing cache at the same time).
-pub fn prepare_cache(
-    config: &DataConfig,
-    tokenizer_path: &Path,
-    cache_dir: &Path,
-) -> Result<Vec<CacheReport>> {
+pub fn prepare_cache(config: &DataConfig, tokenizer_path: &Path, cache_dir: &Path) -> Result<Vec<CacheReport>> {
     config.validate()?;
     let tok = TokenizerInfo::load(tokenizer_path)?;
-    Ok(Corpus::open(&config.sources, &tok, cache_dir)?
-        .cache_reports()
-        .to_vec())
+    Ok(Corpus::open(&config.sources, &tok, cache_dir)?.cache_reports().to_vec())
 }
 
 impl Loader {
@@ -112,11 +106,7 @@ impl Loader {
     ) -> Result<Loader> {
         config.validate()?;
         let tok = TokenizerInfo::load(tokenizer_path)?;
-        for (name, id) in [
-            ("bos_id", config.bos_id),
-            ("eos_id", config.eos_id),
-            ("pad_id", config.pad_id),
-        ] {
+        for (name, id) in [("bos_id", config.bos_id), ("eos_id", config.eos_id), ("pad_id", config.pad_id)] {
             if let Some(id) = id {
                 if id as usize >= tok.vocab_size {
                     bail!(
@@ -146,18 +136,10 @@ impl Loader {
     }
 
     /// A loader over an already opened (or in-memory) corpus.
-    pub fn with_corpus(
-        corpus: Corpus,
-        config: DataConfig,
-        rank: usize,
-        world_size: usize,
-    ) -> Result<Loader> {
+    pub fn with_corpus(corpus: Corpus, config: DataConfig, rank: usize, world_size: usize) -> Result<Loader> {
         config.validate()?;
         ensure!(world_size >= 1, "world_size must be at least 1");
-        ensure!(
-            rank < world_size,
-            "rank {rank} must be below world_size {world_size}"
-        );
+        ensure!(rank < world_size, "rank {rank} must be below world_size {world_size}");
         ensure!(
             corpus.n_sources() == config.sources.len(),
             "corpus has {} sources but the config lists {}",
@@ -208,11 +190,7 @@ impl Loader {
         }
         let non_empty: usize = stats.iter().map(|s| s.docs - s.empty_docs).sum();
         if non_empty == 0 {
-            let paths: Vec<String> = config
-                .sources
-                .iter()
-                .map(|s| format!("\"{}\"", s.path().display()))
-                .collect();
+            let paths: Vec<String> = config.sources.iter().map(|s| format!("\"{}\"", s.path().display())).collect();
             bail!(
                 "the corpus is empty: the {} source(s) ({}) hold no document with any token; check the paths and `text_field`/`text_column`",
                 n,
@@ -245,7 +223,9 @@ impl Loader {
         if !config.wants_short() {
             let unused: usize = stats.iter().map(|s| s.short_docs).sum();
             if unused > 0 {
-                tracing::warn!("{unused} training documents of at most l0 = {l0} tokens are unused because short_share = 0");
+                tracing::warn!(
+                    "{unused} training documents of at most l0 = {l0} tokens are unused because short_share = 0"
+                );
             }
         }
         for (s, st) in stats.iter().enumerate() {
@@ -255,26 +235,12 @@ impl Loader {
             );
         }
         eval.sort_by_key(|&(h, s, d, _)| (h, s, d));
-        let eval_short = eval
-            .iter()
-            .filter(|e| e.3 <= l0)
-            .map(|e| (e.1, e.2))
-            .collect();
-        let eval_long = eval
-            .iter()
-            .filter(|e| e.3 > l0)
-            .map(|e| (e.1, e.2))
-            .collect();
-        let short = short_docs
-            .into_iter()
-            .enumerate()
-            .map(|(s, d)| Stream::new(s, Window::Short, d, config.seed))
-            .collect();
-        let long = long_docs
-            .into_iter()
-            .enumerate()
-            .map(|(s, d)| Stream::new(s, Window::Long, d, config.seed))
-            .collect();
+        let eval_short = eval.iter().filter(|e| e.3 <= l0).map(|e| (e.1, e.2)).collect();
+        let eval_long = eval.iter().filter(|e| e.3 > l0).map(|e| (e.1, e.2)).collect();
+        let short =
+            short_docs.into_iter().enumerate().map(|(s, d)| Stream::new(s, Window::Short, d, config.seed)).collect();
+        let long =
+            long_docs.into_iter().enumerate().map(|(s, d)| Stream::new(s, Window::Long, d, config.seed)).collect();
         let fingerprint = fingerprint(&config, &corpus);
         let state = LoaderState {
             format: STATE_FORMAT,
@@ -340,7 +306,10 @@ impl Loader {
     /// Continue from `state` (saved by a loader with the same config and corpus).
     pub fn set_state(&mut self, state: LoaderState) -> Result<()> {
         if state.format != STATE_FORMAT {
-            bail!("loader state has format {} but this build reads format {STATE_FORMAT}; start the data stream fresh", state.format);
+            bail!(
+                "loader state has format {} but this build reads format {STATE_FORMAT}; start the data stream fresh",
+                state.format
+            );
         }
         if state.fingerprint != self.fingerprint {
             bail!(
@@ -350,16 +319,11 @@ impl Loader {
         }
         let n = self.corpus.n_sources();
         let bad = |what: &str| {
-            anyhow::anyhow!("loader state is inconsistent with this corpus ({what}); it was not produced by this loader")
+            anyhow::anyhow!(
+                "loader state is inconsistent with this corpus ({what}); it was not produced by this loader"
+            )
         };
-        if [
-            state.short.len(),
-            state.long.len(),
-            state.short_rows.len(),
-            state.long_rows.len(),
-        ]
-        .iter()
-        .any(|&l| l != n)
+        if [state.short.len(), state.long.len(), state.short_rows.len(), state.long_rows.len()].iter().any(|&l| l != n)
         {
             return Err(bad("number of sources"));
         }
@@ -389,18 +353,10 @@ impl Loader {
         // Offsets are checked lazily against the (epoch-dependent) document under the cursor.
         let mut check = state.clone();
         for s in 0..n {
-            for (stream, cur) in [
-                (&mut self.short[s], &mut check.short[s]),
-                (&mut self.long[s], &mut check.long[s]),
-            ] {
+            for (stream, cur) in [(&mut self.short[s], &mut check.short[s]), (&mut self.long[s], &mut check.long[s])] {
                 if stream.len() > 0 {
                     let d = stream.doc(cur);
-                    let vlen = DocView {
-                        corpus: &self.corpus,
-                        bos,
-                        eos,
-                    }
-                    .vlen(s, d);
+                    let vlen = DocView { corpus: &self.corpus, bos, eos }.vlen(s, d);
                     if cur.offset as usize >= vlen {
                         return Err(bad("cursor offset"));
                     }
@@ -420,10 +376,7 @@ impl Loader {
     }
 
     fn geometry(&self) -> Geometry {
-        Geometry {
-            seq_len: self.config.seq_len,
-            l0: self.config.l0,
-        }
+        Geometry { seq_len: self.config.seq_len, l0: self.config.l0 }
     }
 
     /// Plan global row `state.next_row` and advance the state past it.
@@ -440,36 +393,13 @@ impl Loader {
             Window::Short => {
                 let s = pick_source(&self.eligible_short, &self.weights, &st.short_rows);
                 st.short_rows[s] += 1;
-                (
-                    s,
-                    plan_short(
-                        g,
-                        &view,
-                        &mut self.short[s],
-                        &mut st.short[s],
-                        &mut st.tails,
-                    ),
-                )
+                (s, plan_short(g, &view, &mut self.short[s], &mut st.short[s], &mut st.tails))
             }
             Window::Long => {
                 let s = pick_source(&self.eligible_long, &self.weights, &st.long_rows);
                 st.long_rows[s] += 1;
-                let tails = if self.config.wants_short() {
-                    Some(&mut st.tails)
-                } else {
-                    None
-                };
-                (
-                    s,
-                    plan_long(
-                        g,
-                        &view,
-                        &mut self.long[s],
-                        &mut st.long[s],
-                        tails,
-                        &mut st.dropped_tail_tokens,
-                    ),
-                )
+                let tails = if self.config.wants_short() { Some(&mut st.tails) } else { None };
+                (s, plan_long(g, &view, &mut self.long[s], &mut st.long[s], tails, &mut st.dropped_tail_tokens))
             }
         };
         st.next_row += 1;
@@ -486,14 +416,7 @@ impl Loader {
                 while self.state.next_row % w != 0 {
                     self.plan_next();
                 }
-                return materialize(
-                    &self.view(),
-                    pieces,
-                    self.config.l0,
-                    self.config.pad_token(),
-                    index,
-                    Some(source),
-                );
+                return materialize(&self.view(), pieces, self.config.l0, self.config.pad_token(), index, Some(source));
             }
         }
     }
@@ -525,14 +448,7 @@ impl Loader {
                 self.config.eval_fraction
             );
         }
-        Ok(crate::eval::pack_eval(
-            &self.view(),
-            self.geometry(),
-            self.config.pad_token(),
-            kind,
-            docs,
-            n,
-        ))
+        Ok(crate::eval::pack_eval(&self.view(), self.geometry(), self.config.pad_token(), kind, docs, n))
     }
 }
 

@@ -44,14 +44,7 @@ pub(crate) struct Stream {
 
 impl Stream {
     pub fn new(source: usize, kind: Window, docs: Vec<u32>, seed: u64) -> Stream {
-        Stream {
-            source,
-            kind,
-            docs,
-            seed,
-            order: Vec::new(),
-            order_epoch: None,
-        }
+        Stream { source, kind, docs, seed, order: Vec::new(), order_epoch: None }
     }
 
     pub fn len(&self) -> usize {
@@ -67,10 +60,7 @@ impl Stream {
                 Window::Short => 0,
                 Window::Long => 1,
             };
-            shuffle(
-                &mut self.order,
-                mix_all(&[self.seed, self.source as u64, k, cur.epoch, 0xD0C5]),
-            );
+            shuffle(&mut self.order, mix_all(&[self.seed, self.source as u64, k, cur.epoch, 0xD0C5]));
             self.order_epoch = Some(cur.epoch);
         }
         self.order[cur.position as usize] as usize
@@ -95,13 +85,7 @@ pub(crate) struct Geometry {
 }
 
 fn span(stream: &Stream, doc: usize, start: usize, epoch: u64) -> DocSpan {
-    DocSpan {
-        source: stream.source,
-        doc,
-        start,
-        epoch,
-        stream: stream.kind,
-    }
+    DocSpan { source: stream.source, doc, start, epoch, stream: stream.kind }
 }
 
 /// Plan a short row from `tails` then `stream`.
@@ -118,10 +102,7 @@ pub(crate) fn plan_short(
         let t = &mut tails[0];
         let take = t.len.min(space).min(g.l0);
         let mut origin = t.origin.clone().expect("tails are real documents");
-        pieces.push(Piece {
-            len: take,
-            origin: Some(origin.clone()),
-        });
+        pieces.push(Piece { len: take, origin: Some(origin.clone()) });
         origin.start += take;
         t.origin = Some(origin);
         t.len -= take;
@@ -134,10 +115,7 @@ pub(crate) fn plan_short(
         let doc = stream.doc(cur);
         let rem = view.vlen(stream.source, doc) - cur.offset as usize;
         let take = rem.min(space).min(g.l0);
-        pieces.push(Piece {
-            len: take,
-            origin: Some(span(stream, doc, cur.offset as usize, cur.epoch)),
-        });
+        pieces.push(Piece { len: take, origin: Some(span(stream, doc, cur.offset as usize, cur.epoch)) });
         space -= take;
         if take == rem {
             stream.advance(cur);
@@ -163,15 +141,9 @@ pub(crate) fn plan_long(
     while space > 0 {
         let doc = stream.doc(cur);
         let rem = view.vlen(stream.source, doc) - cur.offset as usize;
-        debug_assert!(
-            rem > g.l0,
-            "a long stream document's remainder is always > l0"
-        );
+        debug_assert!(rem > g.l0, "a long stream document's remainder is always > l0");
         let take = rem.min(space);
-        pieces.push(Piece {
-            len: take,
-            origin: Some(span(stream, doc, cur.offset as usize, cur.epoch)),
-        });
+        pieces.push(Piece { len: take, origin: Some(span(stream, doc, cur.offset as usize, cur.epoch)) });
         space -= take;
         let left = rem - take;
         if left == 0 {
@@ -179,10 +151,7 @@ pub(crate) fn plan_long(
         } else if left <= g.l0 {
             let start = cur.offset as usize + take;
             match tails.as_deref_mut() {
-                Some(t) => t.push(Piece {
-                    len: left,
-                    origin: Some(span(stream, doc, start, cur.epoch)),
-                }),
+                Some(t) => t.push(Piece { len: left, origin: Some(span(stream, doc, start, cur.epoch)) }),
                 None => *dropped += left as u64,
             }
             stream.advance(cur);
@@ -197,10 +166,7 @@ pub(crate) fn plan_long(
 pub(crate) fn pad(pieces: &mut Vec<Piece>, mut space: usize, l0: usize) {
     while space > 0 {
         let n = space.min(l0);
-        pieces.push(Piece {
-            len: n,
-            origin: None,
-        });
+        pieces.push(Piece { len: n, origin: None });
         space -= n;
     }
 }

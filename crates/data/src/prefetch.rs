@@ -29,10 +29,7 @@ impl Prefetcher {
                 }
             })
             .expect("spawning the data prefetch thread");
-        Prefetcher {
-            rx: Some(rx),
-            handle: Some(handle),
-        }
+        Prefetcher { rx: Some(rx), handle: Some(handle) }
     }
 
     /// The next row and the loader state right after it. Re-raises a panic of the loader

@@ -68,11 +68,7 @@ impl Row {
 
     /// Number of padding tokens.
     pub fn padding_tokens(&self) -> usize {
-        self.pieces
-            .iter()
-            .filter(|p| p.origin.is_none())
-            .map(|p| p.len)
-            .sum()
+        self.pieces.iter().filter(|p| p.origin.is_none()).map(|p| p.len).sum()
     }
 
     /// Build a row from its tokens and pieces (`tokens.len()` = sum of piece lengths); the
@@ -101,16 +97,6 @@ impl Row {
         }
         let n_targets = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
         let kind = Window::of_positions(&position_ids, l0 as i64);
-        Row {
-            input_ids: tokens,
-            position_ids,
-            targets,
-            kind,
-            n_targets,
-            source_tokens,
-            pieces,
-            index,
-            source,
-        }
+        Row { input_ids: tokens, position_ids, targets, kind, n_targets, source_tokens, pieces, index, source }
     }
 }

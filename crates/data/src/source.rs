@@ -24,25 +24,14 @@ pub struct FileInfo {
 }
 
 fn file_info(path: &Path) -> Result<FileInfo> {
-    let md = std::fs::metadata(path)
-        .with_context(|| format!("reading metadata of {}", path.display()))?;
-    let mtime_ns = md
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    Ok(FileInfo {
-        path: path.to_path_buf(),
-        size: md.len(),
-        mtime_ns,
-    })
+    let md = std::fs::metadata(path).with_context(|| format!("reading metadata of {}", path.display()))?;
+    let mtime_ns =
+        md.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
+    Ok(FileInfo { path: path.to_path_buf(), size: md.len(), mtime_ns })
 }
 
 fn is_hidden(p: &Path) -> bool {
-    p.file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n.starts_with('.'))
+    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
 }
 
 /// Every non-hidden regular file under `dir`, recursively, sorted by path.
@@ -77,8 +66,7 @@ pub fn resolve_files(cfg: &SourceConfig, index: usize) -> Result<Vec<FileInfo>> 
             path.display()
         );
     }
-    let path =
-        std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
+    let path = std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
     let mut files = Vec::new();
     match cfg {
         SourceConfig::Tokens { .. } => {
@@ -107,11 +95,7 @@ pub fn resolve_files(cfg: &SourceConfig, index: usize) -> Result<Vec<FileInfo>> 
                 _ => &[],
             };
             if !keep.is_empty() {
-                all.retain(|p| {
-                    p.extension()
-                        .and_then(|e| e.to_str())
-                        .is_some_and(|e| keep.contains(&e))
-                });
+                all.retain(|p| p.extension().and_then(|e| e.to_str()).is_some_and(|e| keep.contains(&e)));
             }
             if all.is_empty() {
                 let what = match cfg {
@@ -166,19 +150,9 @@ pub fn read_documents(
     let mut done_bytes = 0u64;
     for f in files {
         match cfg {
-            SourceConfig::Jsonl {
-                text_field,
-                group_by,
-                join,
-                ..
-            } => read_jsonl(
-                &f.path,
-                text_field,
-                group_by.as_deref(),
-                join,
-                done_bytes,
-                on_doc,
-            )?,
+            SourceConfig::Jsonl { text_field, group_by, join, .. } => {
+                read_jsonl(&f.path, text_field, group_by.as_deref(), join, done_bytes, on_doc)?
+            }
             SourceConfig::Text { .. } => {
                 let mut bytes = Vec::with_capacity(f.size as usize);
                 std::fs::File::open(&f.path)
@@ -220,13 +194,9 @@ fn read_jsonl(
     let mut group: Option<(Vec<serde_json::Value>, String)> = None;
     loop {
         line.clear();
-        let n = reader.read_line(&mut line).with_context(|| {
-            format!(
-                "{}:{}: reading line (is the file UTF-8?)",
-                path.display(),
-                line_no + 1
-            )
-        })?;
+        let n = reader
+            .read_line(&mut line)
+            .with_context(|| format!("{}:{}: reading line (is the file UTF-8?)", path.display(), line_no + 1))?;
         if n == 0 {
             break;
         }
@@ -237,14 +207,13 @@ fn read_jsonl(
             continue;
         }
         let value: serde_json::Value = serde_json::from_str(trimmed).map_err(|e| {
-            anyhow::anyhow!("{}:{line_no}: not valid JSON ({e}); each line of a jsonl source must be one JSON object", path.display())
+            anyhow::anyhow!(
+                "{}:{line_no}: not valid JSON ({e}); each line of a jsonl source must be one JSON object",
+                path.display()
+            )
         })?;
         let obj = value.as_object().ok_or_else(|| {
-            anyhow::anyhow!(
-                "{}:{line_no}: expected a JSON object, found {}",
-                path.display(),
-                kind_of(&value)
-            )
+            anyhow::anyhow!("{}:{line_no}: expected a JSON object, found {}", path.display(), kind_of(&value))
         })?;
         let text = match obj.get(text_field) {
             Some(serde_json::Value::String(s)) => s.as_str(),
@@ -322,8 +291,8 @@ fn read_parquet(
     use std::sync::Arc;
 
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let reader = SerializedFileReader::new(file)
-        .with_context(|| format!("{}: not a readable parquet file", path.display()))?;
+    let reader =
+        SerializedFileReader::new(file).with_context(|| format!("{}: not a readable parquet file", path.display()))?;
     let meta = reader.metadata();
     let schema = meta.file_metadata().schema();
     let total_rows = meta.file_metadata().num_rows().max(1) as u64;
@@ -335,9 +304,7 @@ fn read_parquet(
             names.join(", ")
         )
     })?;
-    let projection = Type::group_type_builder(schema.name())
-        .with_fields(vec![Arc::clone(&field)])
-        .build()?;
+    let projection = Type::group_type_builder(schema.name()).with_fields(vec![Arc::clone(&field)]).build()?;
     let rows = reader.get_row_iter(Some(projection))?;
     for (i, row) in rows.enumerate() {
         let row = row.with_context(|| format!("{}: reading row {i}", path.display()))?;

@@ -2,7 +2,7 @@
 //! held-out documents never trained, short share and source weights honoured.
 mod common;
 use common::*;
-use longmix_data::{is_held_out, Corpus, Loader, Row, Window, Shard};
+use longmix_data::{is_held_out, Corpus, Loader, Row, Shard, Window};
 use std::collections::BTreeMap;
 
 type Key = (usize, usize, Window, u64); // source, doc, stream, epoch
@@ -13,9 +13,7 @@ fn coverage(rows: &[Row]) -> BTreeMap<Key, Vec<(usize, usize)>> {
     for r in rows {
         for p in &r.pieces {
             if let Some(o) = &p.origin {
-                m.entry((o.source, o.doc, o.stream, o.epoch))
-                    .or_default()
-                    .push((o.start, o.start + p.len));
+                m.entry((o.source, o.doc, o.stream, o.epoch)).or_default().push((o.start, o.start + p.len));
             }
         }
     }
@@ -39,19 +37,14 @@ fn run_accounting(short_share: f64, eval_fraction: f64) {
         let st = l.state();
         let stats = l.stats();
         let done = (0..2).all(|s| {
-            (stats[s].short_docs == 0 || st.short[s].epoch >= 2)
-                && (stats[s].long_docs == 0 || st.long[s].epoch >= 2)
+            (stats[s].short_docs == 0 || st.short[s].epoch >= 2) && (stats[s].long_docs == 0 || st.long[s].epoch >= 2)
         });
         if done {
             extra += 1;
         }
         assert!(rows.len() < 100_000, "streams never finished two epochs");
     }
-    assert!(l
-        .state()
-        .tails
-        .iter()
-        .all(|t| t.origin.as_ref().unwrap().epoch >= 2));
+    assert!(l.state().tails.iter().all(|t| t.origin.as_ref().unwrap().epoch >= 2));
     let cov = coverage(&rows);
     let corpus = Corpus::from_docs(&docs);
     let mut checked_tokens = 0usize;
@@ -60,46 +53,26 @@ fn run_accounting(short_share: f64, eval_fraction: f64) {
         let shard: &Shard = corpus.shard(s);
         for d in 0..shard.n_docs() {
             let vlen = docs[s][d].len() + 1;
-            let stream = if short_share < 1.0 && vlen > 24 {
-                Window::Long
-            } else {
-                Window::Short
-            };
-            let other = if stream == Window::Long {
-                Window::Short
-            } else {
-                Window::Long
-            };
+            let stream = if short_share < 1.0 && vlen > 24 { Window::Long } else { Window::Short };
+            let other = if stream == Window::Long { Window::Short } else { Window::Long };
             if is_held_out(shard.doc_hash(d), eval_fraction) {
                 held_out += 1;
                 for e in 0..3 {
-                    assert!(
-                        !cov.contains_key(&(s, d, stream, e)),
-                        "held-out doc {s}/{d} was trained"
-                    );
+                    assert!(!cov.contains_key(&(s, d, stream, e)), "held-out doc {s}/{d} was trained");
                 }
                 continue;
             }
             for e in 0..2 {
-                assert!(
-                    !cov.contains_key(&(s, d, other, e)),
-                    "doc {s}/{d} appears in the wrong stream"
-                );
+                assert!(!cov.contains_key(&(s, d, other, e)), "doc {s}/{d} appears in the wrong stream");
                 let mut iv = cov.get(&(s, d, stream, e)).cloned().unwrap_or_default();
                 iv.sort();
                 // exact cover of 0..vlen: no gap, no overlap
                 let mut at = 0;
                 for (a, b) in iv {
-                    assert_eq!(
-                        a, at,
-                        "doc {s}/{d} epoch {e}: gap or overlap at {at} (intervals from {a})"
-                    );
+                    assert_eq!(a, at, "doc {s}/{d} epoch {e}: gap or overlap at {at} (intervals from {a})");
                     at = b;
                 }
-                assert_eq!(
-                    at, vlen,
-                    "doc {s}/{d} epoch {e}: covered {at} of {vlen} tokens"
-                );
+                assert_eq!(at, vlen, "doc {s}/{d} epoch {e}: covered {at} of {vlen} tokens");
                 checked_tokens += vlen;
             }
         }
@@ -158,9 +131,7 @@ fn short_share_is_honoured() {
         let cfg = config(mem_sources(&[1.0]), 96, 32, share);
         let mut l = mem_loader(&docs, cfg, 0, 1);
         let n = 3000;
-        let shorts = (0..n)
-            .filter(|_| l.next_row().kind == Window::Short)
-            .count();
+        let shorts = (0..n).filter(|_| l.next_row().kind == Window::Short).count();
         let frac = shorts as f64 / n as f64;
         assert!((frac - share).abs() < 0.005, "share {share}: got {frac}");
     }
@@ -207,10 +178,7 @@ fn source_weights_set_row_shares() {
         let total: usize = counts.iter().sum();
         for (s, w) in [0.1, 0.3, 0.6].iter().enumerate() {
             let f = counts[s] as f64 / total as f64;
-            assert!(
-                (f - w).abs() < 0.04,
-                "kind {k} source {s}: share {f}, want {w}"
-            );
+            assert!((f - w).abs() < 0.04, "kind {k} source {s}: share {f}, want {w}");
         }
     }
 }
@@ -253,11 +221,7 @@ fn each_epoch_is_reshuffled() {
     for e in [e0, e1, e2] {
         let mut s = e.clone();
         s.sort();
-        assert_eq!(
-            s,
-            (0..40).collect::<Vec<_>>(),
-            "each epoch is a permutation of all documents"
-        );
+        assert_eq!(s, (0..40).collect::<Vec<_>>(), "each epoch is a permutation of all documents");
     }
     assert_ne!(e0, e1);
     assert_ne!(e1, e2);

@@ -41,18 +41,13 @@ fn short_and_long_rows_follow_the_contract() {
         assert_eq!(row.padding_tokens(), 0);
         assert_eq!(row.source_tokens.iter().sum::<usize>(), 64);
     }
-    assert!(
-        shorts > 100 && longs > 200,
-        "both kinds produced: {shorts} short, {longs} long"
-    );
+    assert!(shorts > 100 && longs > 200, "both kinds produced: {shorts} short, {longs} long");
 }
 
 #[test]
 fn document_boundaries_carry_no_target_and_bos_eos_are_placed() {
     // docs of exactly 5 tokens, l0 = 8 (so with BOS+EOS each is 7 tokens: all short)
-    let docs = vec![(0..30)
-        .map(|d| (0..5).map(|p| 10 * d + p).collect::<Vec<u32>>())
-        .collect::<Vec<_>>()];
+    let docs = vec![(0..30).map(|d| (0..5).map(|p| 10 * d + p).collect::<Vec<u32>>()).collect::<Vec<_>>()];
     let mut cfg = config(mem_sources(&[1.0]), 21, 8, 1.0);
     cfg.add_bos = true;
     cfg.bos_id = Some(BOS);
@@ -66,16 +61,8 @@ fn document_boundaries_carry_no_target_and_bos_eos_are_placed() {
     for k in 0..3 {
         assert_eq!(row.input_ids[7 * k], BOS as i64);
         assert_eq!(row.input_ids[7 * k + 6], EOS as i64);
-        assert_eq!(
-            row.targets[7 * k + 5],
-            EOS as i64,
-            "the last real token predicts EOS"
-        );
-        assert_eq!(
-            row.targets[7 * k + 6],
-            IGNORE_INDEX,
-            "EOS does not predict the next document's BOS"
-        );
+        assert_eq!(row.targets[7 * k + 5], EOS as i64, "the last real token predicts EOS");
+        assert_eq!(row.targets[7 * k + 6], IGNORE_INDEX, "EOS does not predict the next document's BOS");
     }
     assert_eq!(row.n_targets, 18);
 }
@@ -103,16 +90,7 @@ fn random_rows_follow_the_contract() {
         check_row_contract(r, &cfg, None);
         assert!(r.input_ids.iter().all(|&t| (0..1000).contains(&t)));
     }
-    assert_eq!(
-        random_row(Window::Long, 96, 20, 1000, 9),
-        random_row(Window::Long, 96, 20, 1000, 9)
-    );
-    assert_eq!(
-        random_row(Window::Long, 96, 20, 1000, 9).kind,
-        Window::Long
-    );
-    assert_eq!(
-        random_row(Window::Short, 96, 20, 1000, 9).kind,
-        Window::Short
-    );
+    assert_eq!(random_row(Window::Long, 96, 20, 1000, 9), random_row(Window::Long, 96, 20, 1000, 9));
+    assert_eq!(random_row(Window::Long, 96, 20, 1000, 9).kind, Window::Long);
+    assert_eq!(random_row(Window::Short, 96, 20, 1000, 9).kind, Window::Short);
 }

@@ -71,11 +71,7 @@ fn resume_at_every_split_point_is_exact() {
             .chain(&st.long)
             .zip(prev_epochs.short.iter().chain(&prev_epochs.long))
             .any(|(a, b)| a.epoch > b.epoch);
-        saw_long_epoch_turn |= st
-            .long
-            .iter()
-            .zip(&prev_epochs.long)
-            .any(|(a, b)| a.epoch > b.epoch);
+        saw_long_epoch_turn |= st.long.iter().zip(&prev_epochs.long).any(|(a, b)| a.epoch > b.epoch);
         prev_epochs = st.clone();
         // through JSON, into a fresh loader
         let json = serde_json::to_string(&st).unwrap();
@@ -111,9 +107,7 @@ fn data_parallel_ranks_partition_the_global_sequence() {
     let (docs, cfg) = setup();
     let world = 3;
     let global = take(&mut mem_loader(&docs, cfg.clone(), 0, 1), 60);
-    let mut ranks: Vec<Loader> = (0..world)
-        .map(|r| mem_loader(&docs, cfg.clone(), r, world))
-        .collect();
+    let mut ranks: Vec<Loader> = (0..world).map(|r| mem_loader(&docs, cfg.clone(), r, world)).collect();
     let per_rank: Vec<Vec<Row>> = ranks.iter_mut().map(|l| take(l, 20)).collect();
     for (r, rows) in per_rank.iter().enumerate() {
         for (i, row) in rows.iter().enumerate() {

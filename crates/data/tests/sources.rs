@@ -2,7 +2,7 @@
 //! parquet; cache reuse and invalidation; held-out rows; restore through files.
 mod common;
 use common::*;
-use longmix_data::{write_tokens_source, DataConfig, Loader, LoaderState, Window, SourceConfig};
+use longmix_data::{write_tokens_source, DataConfig, Loader, LoaderState, SourceConfig, Window};
 use std::path::{Path, PathBuf};
 
 fn jsonl(path: &Path, group_by: Option<Vec<&str>>) -> SourceConfig {
@@ -26,10 +26,7 @@ fn doc_texts(l: &mut Loader, n_docs: usize) -> Vec<String> {
         for p in &row.pieces {
             if let Some(o) = p.origin.as_ref().filter(|o| o.epoch == 0) {
                 assert_eq!(o.start, 0, "documents are expected whole here");
-                let bytes: Vec<u8> = row.input_ids[at..at + p.len]
-                    .iter()
-                    .map(|&t| t as u8)
-                    .collect();
+                let bytes: Vec<u8> = row.input_ids[at..at + p.len].iter().map(|&t| t as u8).collect();
                 seen.insert(o.doc, String::from_utf8(bytes).unwrap());
             }
             at += p.len;
@@ -46,7 +43,9 @@ fn kjv(dir: &Path) -> PathBuf {
     for (book, chapters) in [("Gen", 2), ("Exo", 1), ("Lev", 2)] {
         for c in 1..=chapters {
             for v in 1..=3 {
-                s.push_str(&format!("{{\"book\":\"{book}\",\"chapter\":{c},\"verse\":{v},\"text\":\"{book}{c}:{v}\"}}\n"));
+                s.push_str(&format!(
+                    "{{\"book\":\"{book}\",\"chapter\":{c},\"verse\":{v},\"text\":\"{book}{c}:{v}\"}}\n"
+                ));
             }
         }
     }
@@ -99,28 +98,12 @@ fn text_folder_is_one_document_per_file_sorted_recursively() {
     std::fs::write(root.join("a.txt"), "alpha").unwrap();
     std::fs::write(root.join("b/c.md"), "gamma é").unwrap();
     std::fs::write(root.join(".hidden"), "never").unwrap();
-    let cfg = config(
-        vec![SourceConfig::Text {
-            path: root.clone(),
-            weight: 1.0,
-        }],
-        1024,
-        1024,
-        1.0,
-    );
+    let cfg = config(vec![SourceConfig::Text { path: root.clone(), weight: 1.0 }], 1024, 1024, 1.0);
     let mut l = Loader::new(cfg, &tok, &dir.path().join("cache"), 0, 1).unwrap();
     assert_eq!(l.stats()[0].docs, 3);
     assert_eq!(doc_texts(&mut l, 3), vec!["alpha", "gamma é", "zeta"]);
     // a single file is one document
-    let cfg = config(
-        vec![SourceConfig::Text {
-            path: root.join("a.txt"),
-            weight: 1.0,
-        }],
-        64,
-        64,
-        1.0,
-    );
+    let cfg = config(vec![SourceConfig::Text { path: root.join("a.txt"), weight: 1.0 }], 64, 64, 1.0);
     let l = Loader::new(cfg, &tok, &dir.path().join("cache"), 0, 1).unwrap();
     assert_eq!((l.stats()[0].docs, l.stats()[0].tokens), (1, 5));
 }
@@ -137,28 +120,14 @@ fn tokens_source_format_round_trips() {
     assert_eq!(raw.len(), 4 * 45);
     assert_eq!(&raw[..8], &[1, 0, 0, 0, 2, 0, 0, 0]);
     let idx = std::fs::read(dir.path().join("corpus.u32.idx")).unwrap();
-    let offs: Vec<u64> = idx
-        .chunks(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let offs: Vec<u64> = idx.chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
     assert_eq!(offs, vec![0, 3, 3, 5, 45]);
-    let mut cfg = config(
-        vec![SourceConfig::Tokens {
-            path: path.clone(),
-            weight: 1.0,
-        }],
-        32,
-        16,
-        0.5,
-    );
+    let mut cfg = config(vec![SourceConfig::Tokens { path: path.clone(), weight: 1.0 }], 32, 16, 0.5);
     cfg.add_eos = true;
     cfg.eos_id = Some(EOS);
     let mut l = Loader::new(cfg.clone(), &tok, &dir.path().join("cache"), 0, 1).unwrap();
     let s = &l.stats()[0];
-    assert_eq!(
-        (s.docs, s.empty_docs, s.short_docs, s.long_docs),
-        (4, 1, 2, 1)
-    );
+    assert_eq!((s.docs, s.empty_docs, s.short_docs, s.long_docs), (4, 1, 2, 1));
     let padded: Vec<Vec<Vec<u32>>> = vec![docs.clone()];
     for _ in 0..10 {
         let r = l.next_row();
@@ -166,14 +135,8 @@ fn tokens_source_format_round_trips() {
     }
     // ids beyond the tokenizer's vocabulary are refused
     write_tokens_source(&path, &[vec![1, 99_999]]).unwrap();
-    let err = Loader::new(cfg, &tok, &dir.path().join("cache"), 0, 1)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        err.contains("99999") && err.contains("another tokenizer"),
-        "{err}"
-    );
+    let err = Loader::new(cfg, &tok, &dir.path().join("cache"), 0, 1).err().unwrap().to_string();
+    assert!(err.contains("99999") && err.contains("another tokenizer"), "{err}");
 }
 
 fn write_parquet(path: &Path, texts: &[Option<&str>], compression: parquet::basic::Compression) {
@@ -188,13 +151,8 @@ fn write_parquet(path: &Path, texts: &[Option<&str>], compression: parquet::basi
         )
         .unwrap(),
     );
-    let props = Arc::new(
-        WriterProperties::builder()
-            .set_compression(compression)
-            .build(),
-    );
-    let mut w =
-        SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema, props).unwrap();
+    let props = Arc::new(WriterProperties::builder().set_compression(compression).build());
+    let mut w = SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema, props).unwrap();
     let mut rg = w.next_row_group().unwrap();
     let mut col_i = 0;
     while let Some(mut col) = rg.next_column().unwrap() {
@@ -204,11 +162,7 @@ fn write_parquet(path: &Path, texts: &[Option<&str>], compression: parquet::basi
                 c.write_batch(&ids, None, None).unwrap();
             }
             ColumnWriter::ByteArrayColumnWriter(c) => {
-                let vals: Vec<ByteArray> = texts
-                    .iter()
-                    .flatten()
-                    .map(|t| ByteArray::from(*t))
-                    .collect();
+                let vals: Vec<ByteArray> = texts.iter().flatten().map(|t| ByteArray::from(*t)).collect();
                 let defs: Vec<i16> = texts.iter().map(|t| t.is_some() as i16).collect();
                 c.write_batch(&vals, Some(&defs), None).unwrap();
             }
@@ -238,35 +192,15 @@ fn parquet_file_and_hf_folder_layout() {
     let second = Compression::ZSTD(parquet::basic::ZstdLevel::default());
     #[cfg(not(feature = "parquet-zstd"))]
     let second = Compression::UNCOMPRESSED;
-    write_parquet(
-        &root.join("data/train-00001-of-00002.parquet"),
-        &[Some("three")],
-        second,
-    );
+    write_parquet(&root.join("data/train-00001-of-00002.parquet"), &[Some("three")], second);
     std::fs::write(root.join("README.md"), "not data").unwrap();
-    let src = |p: PathBuf, col: &str| SourceConfig::Parquet {
-        path: p,
-        text_column: col.into(),
-        weight: 1.0,
-    };
+    let src = |p: PathBuf, col: &str| SourceConfig::Parquet { path: p, text_column: col.into(), weight: 1.0 };
     let cache = dir.path().join("cache");
-    let mut l = Loader::new(
-        config(vec![src(root.clone(), "text")], 1024, 1024, 1.0),
-        &tok,
-        &cache,
-        0,
-        1,
-    )
-    .unwrap();
+    let mut l = Loader::new(config(vec![src(root.clone(), "text")], 1024, 1024, 1.0), &tok, &cache, 0, 1).unwrap();
     assert_eq!(l.stats()[0].docs, 3, "null skipped, README ignored");
     assert_eq!(doc_texts(&mut l, 3), vec!["one", "two", "three"]);
     let l = Loader::new(
-        config(
-            vec![src(root.join("data/train-00001-of-00002.parquet"), "text")],
-            64,
-            64,
-            1.0,
-        ),
+        config(vec![src(root.join("data/train-00001-of-00002.parquet"), "text")], 64, 64, 1.0),
         &tok,
         &cache,
         0,
@@ -274,22 +208,9 @@ fn parquet_file_and_hf_folder_layout() {
     )
     .unwrap();
     assert_eq!(l.stats()[0].tokens, 5);
-    let err = Loader::new(
-        config(vec![src(root, "content")], 64, 64, 1.0),
-        &tok,
-        &cache,
-        0,
-        1,
-    )
-    .err()
-    .unwrap()
-    .to_string();
-    assert!(
-        err.contains("no column \"content\"")
-            && err.contains("id, text")
-            && err.contains("text_column"),
-        "{err}"
-    );
+    let err =
+        Loader::new(config(vec![src(root, "content")], 64, 64, 1.0), &tok, &cache, 0, 1).err().unwrap().to_string();
+    assert!(err.contains("no column \"content\"") && err.contains("id, text") && err.contains("text_column"), "{err}");
 }
 
 #[test]
@@ -306,38 +227,17 @@ fn cache_is_reused_and_invalidated_by_changes() {
     assert_eq!((r1.n_docs, r1.n_tokens), (2, 17));
     // the cache holds the tokens (= bytes for this tokenizer) and a meta.json
     let toks = std::fs::read(r1.dir.join("tokens.u32")).unwrap();
-    let ids: Vec<u32> = toks
-        .chunks(4)
-        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    assert_eq!(
-        ids,
-        b"hello worldsecond"
-            .iter()
-            .map(|&b| b as u32)
-            .collect::<Vec<_>>()
-    );
+    let ids: Vec<u32> = toks.chunks(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(ids, b"hello worldsecond".iter().map(|&b| b as u32).collect::<Vec<_>>());
     let meta_before = std::fs::read(r1.dir.join("meta.json")).unwrap();
-    let mtime_before = std::fs::metadata(r1.dir.join("meta.json"))
-        .unwrap()
-        .modified()
-        .unwrap();
+    let mtime_before = std::fs::metadata(r1.dir.join("meta.json")).unwrap().modified().unwrap();
     // second open: same key, nothing rebuilt, meta.json untouched, same rows
     let second = Loader::new(cfg.clone(), &tok, &cache, 0, 1).unwrap();
     let r2 = second.cache_reports()[0].clone();
     assert!(!r2.built);
     assert_eq!(r2.key, r1.key);
-    assert_eq!(
-        std::fs::read(r1.dir.join("meta.json")).unwrap(),
-        meta_before
-    );
-    assert_eq!(
-        std::fs::metadata(r1.dir.join("meta.json"))
-            .unwrap()
-            .modified()
-            .unwrap(),
-        mtime_before
-    );
+    assert_eq!(std::fs::read(r1.dir.join("meta.json")).unwrap(), meta_before);
+    assert_eq!(std::fs::metadata(r1.dir.join("meta.json")).unwrap().modified().unwrap(), mtime_before);
     // no temporary folders left behind
     assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1);
     // a weight change does not invalidate the tokenization
@@ -349,18 +249,9 @@ fn cache_is_reused_and_invalidated_by_changes() {
         join: " ".into(),
         weight: 5.0,
     }];
-    assert!(
-        !Loader::new(cfg_w, &tok, &cache, 0, 1)
-            .unwrap()
-            .cache_reports()[0]
-            .built
-    );
+    assert!(!Loader::new(cfg_w, &tok, &cache, 0, 1).unwrap().cache_reports()[0].built);
     // changing the file changes the key and re-tokenizes
-    std::fs::write(
-        &path,
-        "{\"text\":\"hello world\"}\n{\"text\":\"second\"}\n{\"text\":\"third\"}\n",
-    )
-    .unwrap();
+    std::fs::write(&path, "{\"text\":\"hello world\"}\n{\"text\":\"second\"}\n{\"text\":\"third\"}\n").unwrap();
     let third = Loader::new(cfg.clone(), &tok, &cache, 0, 1).unwrap();
     let r3 = third.cache_reports()[0].clone();
     assert!(r3.built);
@@ -373,10 +264,7 @@ fn cache_is_reused_and_invalidated_by_changes() {
     let mut t = std::fs::read_to_string(&tok2).unwrap();
     t = t.replace("\"dropout\":null", "\"dropout\":null ");
     std::fs::write(&tok2, t).unwrap();
-    let r4 = Loader::new(cfg, &tok2, &cache, 0, 1)
-        .unwrap()
-        .cache_reports()[0]
-        .clone();
+    let r4 = Loader::new(cfg, &tok2, &cache, 0, 1).unwrap().cache_reports()[0].clone();
     assert!(r4.built);
     assert_ne!(r4.key, r3.key);
 }
@@ -387,9 +275,7 @@ fn long_corpus(dir: &Path) -> PathBuf {
     let mut s = String::new();
     for i in 0..200usize {
         let len = 10 + (i * 7919) % 290;
-        let text: String = (0..len)
-            .map(|k| (b'a' + ((i + k) % 26) as u8) as char)
-            .collect();
+        let text: String = (0..len).map(|k| (b'a' + ((i + k) % 26) as u8) as char).collect();
         s.push_str(&format!("{{\"text\":\"{text}\",\"i\":{i}}}\n"));
     }
     std::fs::write(&p, s).unwrap();
@@ -424,10 +310,7 @@ fn restore_through_files_take_20_then_30_equals_50() {
     let mut b = Loader::restore(cfg.clone(), &tok, &cache, 0, 1, state).unwrap();
     rows.extend((0..30).map(|_| b.next_row()));
     assert_eq!(rows, fifty);
-    assert!(
-        rows.iter().any(|r| r.kind == Window::Long)
-            && rows.iter().any(|r| r.kind == Window::Short)
-    );
+    assert!(rows.iter().any(|r| r.kind == Window::Long) && rows.iter().any(|r| r.kind == Window::Short));
 }
 
 #[test]
@@ -461,11 +344,7 @@ fn held_out_rows_are_fixed_and_disjoint_from_training() {
     let eval_docs: std::collections::BTreeSet<usize> = short
         .iter()
         .chain(&long)
-        .flat_map(|r| {
-            r.pieces
-                .iter()
-                .filter_map(|p| p.origin.as_ref().map(|o| o.doc))
-        })
+        .flat_map(|r| r.pieces.iter().filter_map(|p| p.origin.as_ref().map(|o| o.doc)))
         .collect();
     assert!(!eval_docs.is_empty());
     for _ in 0..300 {

@@ -1,4 +1,4 @@
-//! Long-context evaluation of LLaMA / Phi-3 checkpoints (`docs/rope-extension.md` §5):
+//! Long-context evaluation of LLaMA / Phi-3 checkpoints (`docs/numerics.md` §5):
 //!
 //! * [`ppl`]: perplexity by length on a user's corpus (truncated or sliding windows);
 //! * [`retrieval::passkey`]: the classic passkey prompt, accuracy by length x depth;

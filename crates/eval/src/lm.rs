@@ -66,8 +66,9 @@ impl LanguageModel for TchLm<'_> {
         let n = ids.len() as i64;
         let input = Tensor::from_slice(ids).unsqueeze(0).to_device(device);
         // Position t predicts token t + 1; only tokens from `first_target` on are scored.
-        let targets: Vec<i64> =
-            (0..ids.len()).map(|t| if t + 1 >= first_target && t + 1 < ids.len() { ids[t + 1] } else { IGNORE_INDEX }).collect();
+        let targets: Vec<i64> = (0..ids.len())
+            .map(|t| if t + 1 >= first_target && t + 1 < ids.len() { ids[t + 1] } else { IGNORE_INDEX })
+            .collect();
         let targets = Tensor::from_slice(&targets).unsqueeze(0).to_device(device);
         let loss = tch::no_grad(|| {
             let hidden = match &self.string {

@@ -4,9 +4,10 @@
 //! The extension ratio is `s = target_length / L0`, with `L0` the model's pre-training window
 //! (`original_max_position_embeddings`, or `max_position_embeddings` for unscaled models).
 
-
 use anyhow::{bail, Context, Result};
-use longmix_model::{AttentionFactor, Extension, ExtensionSpec, FactorSet, LongFactors, ModelConfig, RopeScaling, StringConfig};
+use longmix_model::{
+    AttentionFactor, Extension, ExtensionSpec, FactorSet, LongFactors, ModelConfig, RopeScaling, StringConfig,
+};
 use serde_json::{json, Value};
 
 /// A RoPE override (or none).
@@ -126,7 +127,8 @@ impl RopeChoice {
             let l = self.target_length.ok_or_else(|| {
                 anyhow::anyhow!("--rope {what} needs --target-length L (the window to extend to; L0 = {l0})")
             })?;
-            longmix_model::extension::window_lengths(l, None, rope).map_err(|e| anyhow::anyhow!("--target-length {e}"))?;
+            longmix_model::extension::window_lengths(l, None, rope)
+                .map_err(|e| anyhow::anyhow!("--target-length {e}"))?;
             Ok(l)
         };
         let mut label = self.rope.name();

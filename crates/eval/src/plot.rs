@@ -147,7 +147,14 @@ pub fn score_colour(v: f64) -> Rgb {
 
 /// Heatmap of `values[i][j]` (0..=100): columns = `cols` (e.g. lengths), rows = `rows`
 /// (e.g. depths), each cell labelled with its value.
-pub fn heatmap(title: &str, x_label: &str, y_label: &str, cols: &[String], rows: &[String], values: &[Vec<f64>]) -> Canvas {
+pub fn heatmap(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    cols: &[String],
+    rows: &[String],
+    values: &[Vec<f64>],
+) -> Canvas {
     let (cell_w, cell_h) = (90i64, 36i64);
     let (left, top) = (110i64, 70i64);
     let w = left + cell_w * cols.len() as i64 + 30;
@@ -181,7 +188,8 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[(String, 
     let (pw, ph) = (w - left - right, h - top - bottom);
     let mut c = Canvas::new(w as usize, h as usize);
     c.text(10, 12, title, 2, BLACK);
-    let pts: Vec<(f64, f64)> = series.iter().flat_map(|s| s.1.iter().copied()).filter(|p| p.0 > 0.0 && p.1.is_finite() && p.1 > 0.0).collect();
+    let pts: Vec<(f64, f64)> =
+        series.iter().flat_map(|s| s.1.iter().copied()).filter(|p| p.0 > 0.0 && p.1.is_finite() && p.1 > 0.0).collect();
     if pts.is_empty() {
         c.text(left, top + ph / 2, "no data", 2, BLACK);
         return c;

@@ -1,4 +1,4 @@
-//! Perplexity by length on a user's corpus (`docs/rope-extension.md` §5, the PI / YaRN /
+//! Perplexity by length on a user's corpus (`docs/numerics.md` §5, the PI / YaRN /
 //! LongRoPE protocol).
 //!
 //! Documents are tokenized as `tokenizer(text)` does (special tokens per the tokenizer) and
@@ -57,7 +57,10 @@ pub struct PplResult {
 
 impl PplResult {
     pub fn table(&self) -> String {
-        let mut s = format!("perplexity ({})\n{:>8} {:>10} {:>9} {:>6} {:>8} {:>10}\n", self.mode, "length", "ppl", "mean_nll", "docs", "windows", "tokens");
+        let mut s = format!(
+            "perplexity ({})\n{:>8} {:>10} {:>9} {:>6} {:>8} {:>10}\n",
+            self.mode, "length", "ppl", "mean_nll", "docs", "windows", "tokens"
+        );
         for p in &self.points {
             s += &format!(
                 "{:>8} {:>10.3} {:>9.4} {:>6} {:>8} {:>10}\n",
@@ -81,7 +84,12 @@ pub fn load_documents(path: &Path, field: &str, group_by: &[String]) -> Result<V
 
 /// Tokenize documents in order until `samples` of them have at least `min_len` tokens (or
 /// the corpus ends); returns all tokenized documents.
-pub fn tokenize_documents(tok: &dyn TextTokenizer, docs: &[String], min_len: usize, samples: usize) -> Result<Vec<Vec<i64>>> {
+pub fn tokenize_documents(
+    tok: &dyn TextTokenizer,
+    docs: &[String],
+    min_len: usize,
+    samples: usize,
+) -> Result<Vec<Vec<i64>>> {
     let mut out = Vec::new();
     let mut long = 0;
     for d in docs {
@@ -119,13 +127,16 @@ pub fn windows(n: usize, len: usize, mode: PplMode) -> Vec<(usize, usize, usize)
 }
 
 /// Perplexity at every length. `docs` are tokenized documents (see [`tokenize_documents`]).
-pub fn perplexity(lm: &mut dyn LanguageModel, docs: &[Vec<i64>], opts: &PplOptions, bar: &ProgressBar) -> Result<PplResult> {
-    let plan: Vec<(usize, Vec<&Vec<i64>>)> = opts
-        .lengths
-        .iter()
-        .map(|&l| (l, docs.iter().filter(|d| d.len() >= l).take(opts.samples).collect()))
-        .collect();
-    let total: usize = plan.iter().map(|(l, ds)| ds.iter().map(|d| windows(d.len(), *l, opts.mode).len()).sum::<usize>()).sum();
+pub fn perplexity(
+    lm: &mut dyn LanguageModel,
+    docs: &[Vec<i64>],
+    opts: &PplOptions,
+    bar: &ProgressBar,
+) -> Result<PplResult> {
+    let plan: Vec<(usize, Vec<&Vec<i64>>)> =
+        opts.lengths.iter().map(|&l| (l, docs.iter().filter(|d| d.len() >= l).take(opts.samples).collect())).collect();
+    let total: usize =
+        plan.iter().map(|(l, ds)| ds.iter().map(|d| windows(d.len(), *l, opts.mode).len()).sum::<usize>()).sum();
     bar.set_length(total as u64);
     let mut points = Vec::new();
     for (len, ds) in plan {
@@ -160,7 +171,9 @@ pub fn perplexity(lm: &mut dyn LanguageModel, docs: &[Vec<i64>], opts: &PplOptio
     }
     let mode = match opts.mode {
         PplMode::Truncate => "truncate: first L tokens of each document".to_string(),
-        PplMode::Sliding { stride, max_windows } => format!("sliding: stride {stride}, at most {max_windows} windows per document"),
+        PplMode::Sliding { stride, max_windows } => {
+            format!("sliding: stride {stride}, at most {max_windows} windows per document")
+        }
     };
     Ok(PplResult { task: "ppl".into(), mode, points })
 }

@@ -1,4 +1,4 @@
-//! Synthetic long-context prompts (`docs/rope-extension.md` §5), built at the token level so
+//! Synthetic long-context prompts (`docs/numerics.md` §5), built at the token level so
 //! every prompt has **exactly** the requested number of tokens.
 //!
 //! A prompt is the concatenation of separately tokenized pieces: the tokenizer's own leading
@@ -84,10 +84,8 @@ impl Haystack {
 
     /// Units each preceded by `sep`, tokenized one by one.
     pub fn from_units(tok: &dyn TextTokenizer, units: &[String], sep: &str, name: &str) -> Result<Self> {
-        let units: Vec<Vec<i64>> = units
-            .iter()
-            .map(|u| tok.encode(&format!("{sep}{u}"), false))
-            .collect::<Result<_>>()?;
+        let units: Vec<Vec<i64>> =
+            units.iter().map(|u| tok.encode(&format!("{sep}{u}"), false)).collect::<Result<_>>()?;
         let cycle = units.iter().map(Vec::len).sum();
         if cycle == 0 {
             bail!("the haystack {name} tokenizes to nothing");
@@ -167,14 +165,22 @@ pub struct PasskeySample {
 /// The passkey prompt of exactly `length` tokens with `key` at `depth` of the filler:
 /// `[specials] task \n <filler[..a]> \n The pass key is K. Remember it. K is the pass key. \n
 /// <filler[..b]> \n What is the pass key? The pass key is`.
-pub fn passkey_sample(tok: &dyn TextTokenizer, filler: &Haystack, length: usize, depth: f64, key: u64) -> Result<PasskeySample> {
+pub fn passkey_sample(
+    tok: &dyn TextTokenizer,
+    filler: &Haystack,
+    length: usize,
+    depth: f64,
+    key: u64,
+) -> Result<PasskeySample> {
     let specials = leading_specials(tok)?;
     let head = tok.encode(&format!("{PASSKEY_TASK}\n"), false)?;
     let needle = tok.encode(&format!("\nThe pass key is {key}. Remember it. {key} is the pass key.\n"), false)?;
     let question = tok.encode(&format!("\n{PASSKEY_QUESTION}"), false)?;
     let fixed = specials.len() + head.len() + needle.len() + question.len();
     if length < fixed {
-        bail!("a passkey prompt needs at least {fixed} tokens (instruction, key line, question); {length} is too short");
+        bail!(
+            "a passkey prompt needs at least {fixed} tokens (instruction, key line, question); {length} is too short"
+        );
     }
     let budget = length - fixed;
     let a = (depth.clamp(0.0, 1.0) * budget as f64).round() as usize;
@@ -239,29 +245,209 @@ impl NeedleValue {
 }
 
 const ADJECTIVES: &[&str] = &[
-    "abundant", "adorable", "agreeable", "alive", "ancient", "angry", "bashful", "bitter", "brave", "breezy",
-    "bright", "calm", "careful", "cheerful", "chilly", "clever", "clumsy", "cold", "colossal", "cool",
-    "crooked", "curious", "damp", "delightful", "dizzy", "eager", "elegant", "empty", "fancy", "fierce",
-    "fluffy", "fragile", "gentle", "gifted", "glamorous", "gleaming", "grumpy", "handsome", "helpful", "hollow",
-    "humble", "hungry", "icy", "jolly", "kind", "lazy", "little", "lively", "lucky", "magnificent",
-    "mighty", "modern", "muddy", "mysterious", "nervous", "noisy", "obedient", "odd", "old", "plain",
-    "polite", "proud", "quaint", "quiet", "rapid", "rare", "rich", "rough", "rustic", "scary",
-    "shiny", "silent", "silly", "sleepy", "smooth", "soft", "sparkling", "spicy", "steady", "sticky",
-    "stormy", "strange", "swift", "tame", "tender", "thankful", "thirsty", "tiny", "vast", "wandering",
-    "warm", "wise", "witty", "wooden", "yellow", "young", "zany", "zealous", "frosty", "golden",
+    "abundant",
+    "adorable",
+    "agreeable",
+    "alive",
+    "ancient",
+    "angry",
+    "bashful",
+    "bitter",
+    "brave",
+    "breezy",
+    "bright",
+    "calm",
+    "careful",
+    "cheerful",
+    "chilly",
+    "clever",
+    "clumsy",
+    "cold",
+    "colossal",
+    "cool",
+    "crooked",
+    "curious",
+    "damp",
+    "delightful",
+    "dizzy",
+    "eager",
+    "elegant",
+    "empty",
+    "fancy",
+    "fierce",
+    "fluffy",
+    "fragile",
+    "gentle",
+    "gifted",
+    "glamorous",
+    "gleaming",
+    "grumpy",
+    "handsome",
+    "helpful",
+    "hollow",
+    "humble",
+    "hungry",
+    "icy",
+    "jolly",
+    "kind",
+    "lazy",
+    "little",
+    "lively",
+    "lucky",
+    "magnificent",
+    "mighty",
+    "modern",
+    "muddy",
+    "mysterious",
+    "nervous",
+    "noisy",
+    "obedient",
+    "odd",
+    "old",
+    "plain",
+    "polite",
+    "proud",
+    "quaint",
+    "quiet",
+    "rapid",
+    "rare",
+    "rich",
+    "rough",
+    "rustic",
+    "scary",
+    "shiny",
+    "silent",
+    "silly",
+    "sleepy",
+    "smooth",
+    "soft",
+    "sparkling",
+    "spicy",
+    "steady",
+    "sticky",
+    "stormy",
+    "strange",
+    "swift",
+    "tame",
+    "tender",
+    "thankful",
+    "thirsty",
+    "tiny",
+    "vast",
+    "wandering",
+    "warm",
+    "wise",
+    "witty",
+    "wooden",
+    "yellow",
+    "young",
+    "zany",
+    "zealous",
+    "frosty",
+    "golden",
 ];
 
 const NOUNS: &[&str] = &[
-    "age", "airport", "apple", "arrow", "baker", "balloon", "basket", "beach", "bicycle", "blanket",
-    "bottle", "bridge", "butter", "cabin", "camera", "candle", "canyon", "castle", "cellar", "chair",
-    "cherry", "circus", "cloud", "compass", "cottage", "crayon", "dancer", "desert", "diamond", "dolphin",
-    "dragon", "engine", "falcon", "feather", "festival", "forest", "fountain", "garden", "glacier", "guitar",
-    "hammer", "harbor", "helmet", "island", "jacket", "journey", "kettle", "kitten", "ladder", "lantern",
-    "library", "lighthouse", "meadow", "mirror", "monkey", "mountain", "needle", "notebook", "ocean", "orchard",
-    "painter", "palace", "parrot", "pencil", "pepper", "piano", "pillow", "planet", "pocket", "puzzle",
-    "rabbit", "rainbow", "river", "rocket", "saddle", "sailor", "scarf", "shadow", "shelter", "silver",
-    "spider", "station", "statue", "storm", "sunset", "teacher", "thunder", "tiger", "tower", "tractor",
-    "trumpet", "tunnel", "umbrella", "valley", "village", "violin", "volcano", "wagon", "window", "wizard",
+    "age",
+    "airport",
+    "apple",
+    "arrow",
+    "baker",
+    "balloon",
+    "basket",
+    "beach",
+    "bicycle",
+    "blanket",
+    "bottle",
+    "bridge",
+    "butter",
+    "cabin",
+    "camera",
+    "candle",
+    "canyon",
+    "castle",
+    "cellar",
+    "chair",
+    "cherry",
+    "circus",
+    "cloud",
+    "compass",
+    "cottage",
+    "crayon",
+    "dancer",
+    "desert",
+    "diamond",
+    "dolphin",
+    "dragon",
+    "engine",
+    "falcon",
+    "feather",
+    "festival",
+    "forest",
+    "fountain",
+    "garden",
+    "glacier",
+    "guitar",
+    "hammer",
+    "harbor",
+    "helmet",
+    "island",
+    "jacket",
+    "journey",
+    "kettle",
+    "kitten",
+    "ladder",
+    "lantern",
+    "library",
+    "lighthouse",
+    "meadow",
+    "mirror",
+    "monkey",
+    "mountain",
+    "needle",
+    "notebook",
+    "ocean",
+    "orchard",
+    "painter",
+    "palace",
+    "parrot",
+    "pencil",
+    "pepper",
+    "piano",
+    "pillow",
+    "planet",
+    "pocket",
+    "puzzle",
+    "rabbit",
+    "rainbow",
+    "river",
+    "rocket",
+    "saddle",
+    "sailor",
+    "scarf",
+    "shadow",
+    "shelter",
+    "silver",
+    "spider",
+    "station",
+    "statue",
+    "storm",
+    "sunset",
+    "teacher",
+    "thunder",
+    "tiger",
+    "tower",
+    "tractor",
+    "trumpet",
+    "tunnel",
+    "umbrella",
+    "valley",
+    "village",
+    "violin",
+    "volcano",
+    "wagon",
+    "window",
+    "wizard",
 ];
 
 fn random_word(rng: &mut SplitMix64) -> String {
@@ -378,6 +564,9 @@ mod tests {
     #[test]
     fn sentences_split_on_terminators() {
         let s = split_sentences("In the beginning.  And God said, Let there be light: and there was light! Why? end");
-        assert_eq!(s, vec!["In the beginning.", "And God said, Let there be light: and there was light!", "Why?", "end"]);
+        assert_eq!(
+            s,
+            vec!["In the beginning.", "And God said, Let there be light: and there was light!", "Why?", "end"]
+        );
     }
 }

@@ -58,7 +58,8 @@ impl GridResult {
             let v: Vec<f64> = samples.iter().filter(|s| s.length == l && s.depth == d).map(|s| s.score).collect();
             v.iter().sum::<f64>() / v.len().max(1) as f64
         };
-        let scores: Vec<Vec<f64>> = opts.lengths.iter().map(|&l| opts.depths.iter().map(|&d| cell(l, d)).collect()).collect();
+        let scores: Vec<Vec<f64>> =
+            opts.lengths.iter().map(|&l| opts.depths.iter().map(|&d| cell(l, d)).collect()).collect();
         let by_length: Vec<f64> = scores.iter().map(|r| r.iter().sum::<f64>() / r.len().max(1) as f64).collect();
         let mean = by_length.iter().sum::<f64>() / by_length.len().max(1) as f64;
         GridResult {
@@ -145,7 +146,12 @@ fn run_grid(
 
 /// Passkey retrieval: greedy generation, the first integer of the output compared with the key
 /// (`k = randint(1, 50000)`); score 100 or 0 per prompt.
-pub fn passkey(lm: &mut dyn LanguageModel, tok: &dyn TextTokenizer, opts: &GridOptions, bar: &ProgressBar) -> Result<GridResult> {
+pub fn passkey(
+    lm: &mut dyn LanguageModel,
+    tok: &dyn TextTokenizer,
+    opts: &GridOptions,
+    bar: &ProgressBar,
+) -> Result<GridResult> {
     let longest = opts.lengths.iter().copied().max().unwrap_or(0);
     let filler = Haystack::repeated(tok, crate::prompts::NOISE, " ", longest, "noise")?;
     let build = |li: usize, di: usize, s: usize| -> Result<Prompt> {
@@ -163,7 +169,13 @@ pub fn passkey(lm: &mut dyn LanguageModel, tok: &dyn TextTokenizer, opts: &GridO
             references: vec![key.to_string()],
         })
     };
-    let score = |pred: &str, p: &Prompt| if first_integer(pred).map(|k| k.to_string()) == Some(p.expected.clone()) { 100.0 } else { 0.0 };
+    let score = |pred: &str, p: &Prompt| {
+        if first_integer(pred).map(|k| k.to_string()) == Some(p.expected.clone()) {
+            100.0
+        } else {
+            0.0
+        }
+    };
     let records = run_grid(lm, tok, opts, bar, &build, &score)?;
     Ok(GridResult::new("passkey", "accuracy", opts, records))
 }
@@ -194,5 +206,10 @@ pub fn niah(
     };
     let score = |pred: &str, p: &Prompt| 100.0 * string_match_all(pred, &p.references);
     let records = run_grid(lm, tok, opts, bar, &build, &score)?;
-    Ok(GridResult::new(&format!("niah_single ({}, {} haystack)", value_type.plural(), haystack.name), "string_match_all", opts, records))
+    Ok(GridResult::new(
+        &format!("niah_single ({}, {} haystack)", value_type.plural(), haystack.name),
+        "string_match_all",
+        opts,
+        records,
+    ))
 }

@@ -10,10 +10,12 @@ use indicatif::ProgressBar;
 use longmix_eval::ppl::{perplexity, PplMode, PplOptions};
 use longmix_eval::prompts::{niah_sample, passkey_sample, sample_rng, Haystack, NOISE};
 use longmix_eval::{
-    first_integer, string_match_all, GridOptions, LanguageModel, NeedleValue, RopeChoice, RopeOverride, StringChoice, TchLm,
-    TextTokenizer,
+    first_integer, string_match_all, GridOptions, LanguageModel, NeedleValue, RopeChoice, RopeOverride, StringChoice,
+    TchLm, TextTokenizer,
 };
-use longmix_model::{batch_targets, load_model, CausalLm, FactorSet, FactorsFile, LongFactors, ModelConfig, RopeScaling, Window};
+use longmix_model::{
+    batch_targets, load_model, CausalLm, FactorSet, FactorsFile, LongFactors, ModelConfig, RopeScaling, Window,
+};
 use tch::{nn, Device, Kind, Tensor};
 
 /// One token per byte; with `special`, a BOS (id 256) first.
@@ -26,7 +28,8 @@ impl TextTokenizer for Bytes {
         Ok(ids)
     }
     fn decode(&self, ids: &[i64]) -> Result<String> {
-        Ok(String::from_utf8_lossy(&ids.iter().filter(|&&i| i < 256).map(|&i| i as u8).collect::<Vec<_>>()).into_owned())
+        Ok(String::from_utf8_lossy(&ids.iter().filter(|&&i| i < 256).map(|&i| i as u8).collect::<Vec<_>>())
+            .into_owned())
     }
 }
 
@@ -106,7 +109,8 @@ fn passkey_prompts_have_exact_lengths_and_depths() {
 
 #[test]
 fn niah_prompts_follow_ruler_and_have_exact_lengths() {
-    let text = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/sample.txt")).unwrap();
+    let text =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/sample.txt")).unwrap();
     for hay in [Haystack::noise(&Bytes).unwrap(), Haystack::text(&Bytes, &text, "sample", 10_000).unwrap()] {
         for value in [NeedleValue::Numbers, NeedleValue::Words, NeedleValue::Uuids] {
             for (length, depth) in [(1500usize, 0.0), (2500, 0.5), (3001, 1.0), (4000, 0.3)] {
@@ -160,11 +164,23 @@ fn grid_scores_follow_the_forced_answers() {
     assert!(r.samples.iter().all(|s| s.prompt_tokens == s.length));
     assert_eq!(lm.seen.len(), 16);
     // Same seed, same prompts (keys); another seed, other keys.
-    let again = longmix_eval::passkey(&mut Oracle { reach: 1.1, wrong: "", seen: vec![] }, &Bytes, &opts, &ProgressBar::hidden()).unwrap();
+    let again = longmix_eval::passkey(
+        &mut Oracle { reach: 1.1, wrong: "", seen: vec![] },
+        &Bytes,
+        &opts,
+        &ProgressBar::hidden(),
+    )
+    .unwrap();
     assert_eq!(again.mean, 100.0);
     let keys = |r: &longmix_eval::GridResult| r.samples.iter().map(|s| s.expected.clone()).collect::<Vec<_>>();
     assert_eq!(keys(&r), keys(&again));
-    let other = longmix_eval::passkey(&mut Oracle { reach: 1.1, wrong: "", seen: vec![] }, &Bytes, &GridOptions { seed: 8, ..opts.clone() }, &ProgressBar::hidden()).unwrap();
+    let other = longmix_eval::passkey(
+        &mut Oracle { reach: 1.1, wrong: "", seen: vec![] },
+        &Bytes,
+        &GridOptions { seed: 8, ..opts.clone() },
+        &ProgressBar::hidden(),
+    )
+    .unwrap();
     assert_ne!(keys(&r), keys(&other));
 
     for value in [NeedleValue::Numbers, NeedleValue::Words, NeedleValue::Uuids] {
@@ -199,7 +215,8 @@ fn zero_model() -> (nn::VarStore, CausalLm) {
 fn perplexity_of_a_uniform_model_is_the_vocab_size() {
     let (_vs, model) = zero_model();
     let docs: Vec<Vec<i64>> = (0..3).map(|d| (0..150).map(|i| (i * 7 + d * 13) % 300).collect()).collect();
-    for (mode, windows_per_doc) in [(PplMode::Truncate, 1usize), (PplMode::Sliding { stride: 40, max_windows: 10 }, 3)] {
+    for (mode, windows_per_doc) in [(PplMode::Truncate, 1usize), (PplMode::Sliding { stride: 40, max_windows: 10 }, 3)]
+    {
         let mut lm = TchLm::new(&model, None);
         let opts = PplOptions { lengths: vec![32, 64], samples: 2, mode };
         let r = perplexity(&mut lm, &docs, &opts, &ProgressBar::hidden()).unwrap();
@@ -219,7 +236,13 @@ fn perplexity_of_a_uniform_model_is_the_vocab_size() {
     }
     // STRING on the same model: still uniform.
     let mut lm = TchLm::new(&model, Some(longmix_model::StringConfig::new(10, 2)));
-    let r = perplexity(&mut lm, &docs, &PplOptions { lengths: vec![48], samples: 1, mode: PplMode::Truncate }, &ProgressBar::hidden()).unwrap();
+    let r = perplexity(
+        &mut lm,
+        &docs,
+        &PplOptions { lengths: vec![48], samples: 1, mode: PplMode::Truncate },
+        &ProgressBar::hidden(),
+    )
+    .unwrap();
     assert!((r.points[0].ppl - 300.0).abs() < 1e-3);
 }
 
@@ -302,9 +325,15 @@ fn overrides_change_the_rope_as_intended() {
     // A factors file: the same numbers when it holds the same factors; checked against the model.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("f.json");
-    FactorsFile { long_factor: long.clone(), short_factor: None, target_length: 16384, original_length: 8192, notes: serde_json::json!({}) }
-        .write(&path)
-        .unwrap();
+    FactorsFile {
+        long_factor: long.clone(),
+        short_factor: None,
+        target_length: 16384,
+        original_length: 8192,
+        notes: serde_json::json!({}),
+    }
+    .write(&path)
+    .unwrap();
     let (cf, a) = apply(RopeOverride::Extension(LongFactors::File(path.clone())), None);
     // (JSON keeps the numbers to the last bit or one ulp off.)
     for (x, y) in inv_freq(&cf, 16384).iter().zip(inv_freq(&c, 16384)) {
@@ -312,27 +341,41 @@ fn overrides_change_the_rope_as_intended() {
     }
     assert_eq!(cf.rope.attention_factor(), c.rope.attention_factor());
     assert_eq!(a.label, "factors(f.json)");
-    FactorsFile { long_factor: long[..10].to_vec(), short_factor: None, target_length: 16384, original_length: 8192, notes: serde_json::json!({}) }
-        .write(&path)
-        .unwrap();
+    FactorsFile {
+        long_factor: long[..10].to_vec(),
+        short_factor: None,
+        target_length: 16384,
+        original_length: 8192,
+        notes: serde_json::json!({}),
+    }
+    .write(&path)
+    .unwrap();
     let e = RopeChoice { rope: RopeOverride::Extension(LongFactors::File(path)), target_length: None, string: None }
         .apply(&mut base.clone())
         .unwrap_err();
     assert!(format!("{e:#}").contains("d_rot/2 = 32"), "{e:#}");
     // Missing or too short target lengths are errors that say what to do.
-    let e = RopeChoice { rope: RopeOverride::Yarn, target_length: None, string: None }.apply(&mut base.clone()).unwrap_err();
+    let e = RopeChoice { rope: RopeOverride::Yarn, target_length: None, string: None }
+        .apply(&mut base.clone())
+        .unwrap_err();
     assert!(e.to_string().contains("--target-length"), "{e}");
-    let e = RopeChoice { rope: RopeOverride::Pi, target_length: Some(4096), string: None }.apply(&mut base.clone()).unwrap_err();
+    let e = RopeChoice { rope: RopeOverride::Pi, target_length: Some(4096), string: None }
+        .apply(&mut base.clone())
+        .unwrap_err();
     assert!(e.to_string().contains("must exceed"), "{e}");
     // STRING: defaults from max_position_embeddings, overrides honoured, combined with a RoPE override.
     let mut c = base.clone();
-    let a = RopeChoice { rope: RopeOverride::Own, target_length: None, string: Some(StringChoice::default()) }.apply(&mut c).unwrap();
+    let a = RopeChoice { rope: RopeOverride::Own, target_length: None, string: Some(StringChoice::default()) }
+        .apply(&mut c)
+        .unwrap();
     let s = a.string.unwrap();
     assert_eq!((s.shifted_offset, s.local_window), (2703, 128));
     assert_eq!(a.label, "own+string(S=2703,W=128)");
     let mut c = base.clone();
     let choice = StringChoice { shifted_offset: Some(100), local_window: Some(8), attention_factor: Some(1.0) };
-    let a = RopeChoice { rope: RopeOverride::Yarn, target_length: Some(16384), string: Some(choice) }.apply(&mut c).unwrap();
+    let a = RopeChoice { rope: RopeOverride::Yarn, target_length: Some(16384), string: Some(choice) }
+        .apply(&mut c)
+        .unwrap();
     let s = a.string.unwrap();
     assert_eq!((s.shifted_offset, s.local_window, s.attention_factor), (100, 8, 1.0));
     assert!(matches!(c.rope.scaling, RopeScaling::Yarn { .. }));

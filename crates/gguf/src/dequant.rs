@@ -14,18 +14,9 @@ pub enum DequantError {
     #[error("ggml type {ty} cannot be dequantized (supported types: {supported})", supported = dequantizable_list())]
     UnsupportedType { ty: GgmlType },
     #[error("{n_elements} elements are not a whole number of {ty} blocks of {block} elements")]
-    PartialBlock {
-        ty: GgmlType,
-        n_elements: usize,
-        block: usize,
-    },
+    PartialBlock { ty: GgmlType, n_elements: usize, block: usize },
     #[error("{n_elements} elements of {ty} take {expected} bytes, but {actual} bytes were given")]
-    ByteCount {
-        ty: GgmlType,
-        n_elements: usize,
-        expected: usize,
-        actual: usize,
-    },
+    ByteCount { ty: GgmlType, n_elements: usize, expected: usize, actual: usize },
 }
 
 /// Dequantizes `n_elements` values of type `ty` stored in `data`.
@@ -59,26 +50,13 @@ impl<'a> Dequantizer<'a> {
     pub fn new(ty: GgmlType, data: &'a [u8], n_elements: usize) -> Result<Self, DequantError> {
         let kernel = Kernel::for_type(ty).ok_or(DequantError::UnsupportedType { ty })?;
         if n_elements % kernel.block_elements != 0 {
-            return Err(DequantError::PartialBlock {
-                ty,
-                n_elements,
-                block: kernel.block_elements,
-            });
+            return Err(DequantError::PartialBlock { ty, n_elements, block: kernel.block_elements });
         }
         let expected = n_elements / kernel.block_elements * kernel.block_bytes;
         if data.len() != expected {
-            return Err(DequantError::ByteCount {
-                ty,
-                n_elements,
-                expected,
-                actual: data.len(),
-            });
+            return Err(DequantError::ByteCount { ty, n_elements, expected, actual: data.len() });
         }
-        Ok(Self {
-            data,
-            n_elements,
-            kernel,
-        })
+        Ok(Self { data, n_elements, kernel })
     }
 
     /// The number of values this dequantizes to.
@@ -96,22 +74,12 @@ impl<'a> Dequantizer<'a> {
     /// Dequantizes into `out`, which must hold exactly [`Self::n_elements`] values. Large tensors
     /// are split across the available cores.
     pub fn dequantize_into(&self, out: &mut [f32]) {
-        assert_eq!(
-            out.len(),
-            self.n_elements,
-            "output length must equal the element count"
-        );
-        let Kernel {
-            block_elements,
-            block_bytes,
-            run,
-        } = self.kernel;
+        assert_eq!(out.len(), self.n_elements, "output length must equal the element count");
+        let Kernel { block_elements, block_bytes, run } = self.kernel;
         let n_blocks = self.n_elements / block_elements;
         // Below about a million values a thread costs more than it saves.
         const MIN_BLOCKS_PER_THREAD: usize = 1 << 15;
-        let threads = available_threads()
-            .min(n_blocks / MIN_BLOCKS_PER_THREAD)
-            .max(1);
+        let threads = available_threads().min(n_blocks / MIN_BLOCKS_PER_THREAD).max(1);
         if threads == 1 {
             run(self.data, out);
             return;
@@ -160,11 +128,7 @@ impl Kernel {
             _ => return None,
         };
         let (block_elements, block_bytes) = ty.block_layout()?;
-        Some(Kernel {
-            block_elements: block_elements as usize,
-            block_bytes: block_bytes as usize,
-            run,
-        })
+        Some(Kernel { block_elements: block_elements as usize, block_bytes: block_bytes as usize, run })
     }
 }
 
@@ -191,15 +155,11 @@ fn f32_(src: &[u8], dst: &mut [f32]) {
 }
 
 fn f16_(src: &[u8], dst: &mut [f32]) {
-    blocks::<2, 1>(src, dst, |b, o| {
-        o[0] = f16::from_bits(u16::from_le_bytes(*b)).to_f32()
-    });
+    blocks::<2, 1>(src, dst, |b, o| o[0] = f16::from_bits(u16::from_le_bytes(*b)).to_f32());
 }
 
 fn bf16_(src: &[u8], dst: &mut [f32]) {
-    blocks::<2, 1>(src, dst, |b, o| {
-        o[0] = f32::from_bits(u32::from(u16::from_le_bytes(*b)) << 16)
-    });
+    blocks::<2, 1>(src, dst, |b, o| o[0] = f32::from_bits(u32::from(u16::from_le_bytes(*b)) << 16));
 }
 
 fn f64_(src: &[u8], dst: &mut [f32]) {
@@ -232,11 +192,7 @@ fn q4_1(src: &[u8], dst: &mut [f32]) {
 /// The 5-bit values of a Q5_0/Q5_1 block: nibbles from `qs`, fifth bit `j` of `qh` for value `j`.
 #[inline(always)]
 fn five_bit(qh: u32, qs: &[u8], j: usize) -> u8 {
-    let low = if j < 16 {
-        qs[j] & 0x0F
-    } else {
-        qs[j - 16] >> 4
-    };
+    let low = if j < 16 { qs[j] & 0x0F } else { qs[j - 16] >> 4 };
     low | ((((qh >> j) & 1) as u8) << 4)
 }
 
@@ -301,11 +257,7 @@ fn q3_k(src: &[u8], dst: &mut [f32]) {
         let d = half_at(b, 108);
         let mut dl = [0f32; 16];
         for (j, dl) in dl.iter_mut().enumerate() {
-            let low = if j < 8 {
-                packed[j] & 0x0F
-            } else {
-                packed[j - 8] >> 4
-            };
+            let low = if j < 8 { packed[j] & 0x0F } else { packed[j - 8] >> 4 };
             let high = (packed[8 + j % 4] >> (2 * (j / 4))) & 3;
             *dl = d * ((low | (high << 4)) as i8 - 32) as f32;
         }
@@ -438,17 +390,9 @@ mod tests {
     fn rejects_bad_sizes_and_types() {
         assert_eq!(
             dequantize(GgmlType::Q8_0, &[0; 33], 32),
-            Err(DequantError::ByteCount {
-                ty: GgmlType::Q8_0,
-                n_elements: 32,
-                expected: 34,
-                actual: 33
-            })
+            Err(DequantError::ByteCount { ty: GgmlType::Q8_0, n_elements: 32, expected: 34, actual: 33 })
         );
-        assert!(matches!(
-            dequantize(GgmlType::Q4_0, &[0; 18], 31),
-            Err(DequantError::PartialBlock { .. })
-        ));
+        assert!(matches!(dequantize(GgmlType::Q4_0, &[0; 18], 31), Err(DequantError::PartialBlock { .. })));
         let err = dequantize(GgmlType::IQ2_XXS, &[0; 66], 256).unwrap_err();
         assert!(err.to_string().contains("IQ2_XXS"), "{err}");
         assert!(err.to_string().contains("Q4_K"), "{err}");

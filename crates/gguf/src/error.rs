@@ -10,11 +10,7 @@ pub type Result<T, E = GgufError> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     #[error("cannot {action} {}: {source}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
 
     #[error(
         "{} is not a GGUF file: it starts with {found}, not the magic \"GGUF\"; \
@@ -42,13 +38,7 @@ pub enum GgufError {
          but the file has {len} bytes; the download or copy is incomplete, fetch the file again",
         path.display()
     )]
-    Truncated {
-        path: PathBuf,
-        what: String,
-        offset: u64,
-        needed: u64,
-        len: u64,
-    },
+    Truncated { path: PathBuf, what: String, offset: u64, needed: u64, len: u64 },
 
     #[error("{} is not a valid GGUF file: {detail}; the file is corrupt or was not written by llama.cpp", path.display())]
     Malformed { path: PathBuf, detail: String },
@@ -57,11 +47,7 @@ pub enum GgufError {
     MissingMetadata { key: String, hint: &'static str },
 
     #[error("metadata key {key:?} is {found}, expected {expected}; the file is corrupt or not a llama.cpp model")]
-    MetadataType {
-        key: String,
-        found: String,
-        expected: &'static str,
-    },
+    MetadataType { key: String, found: String, expected: &'static str },
 
     #[error(
         "model architecture {architecture:?} is not supported: only \"llama\" (LLaMA, Mistral, SmolLM, TinyLlama \
@@ -78,10 +64,7 @@ pub enum GgufError {
     UnsupportedTensorType { tensor: String, ty: GgmlType },
 
     #[error("tensor {tensor:?}: {source}")]
-    Dequantize {
-        tensor: String,
-        source: DequantError,
-    },
+    Dequantize { tensor: String, source: DequantError },
 
     /// The file is valid GGUF but describes something this importer cannot represent.
     #[error("{0}")]
@@ -102,23 +85,12 @@ pub enum GgufError {
     Safetensors(#[from] safetensors::SafeTensorError),
 
     #[error("cannot serialize {file}: {source}")]
-    Json {
-        file: &'static str,
-        source: serde_json::Error,
-    },
+    Json { file: &'static str, source: serde_json::Error },
 }
 
 impl GgufError {
-    pub(crate) fn io(
-        action: &'static str,
-        path: impl Into<PathBuf>,
-        source: std::io::Error,
-    ) -> Self {
-        GgufError::Io {
-            action,
-            path: path.into(),
-            source,
-        }
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        GgufError::Io { action, path: path.into(), source }
     }
 }
 

@@ -106,30 +106,20 @@ pub const DEQUANTIZABLE: &[GgmlType] = &[
 impl GgmlType {
     /// The type with this GGUF id.
     pub fn from_id(id: u32) -> Self {
-        TABLE
-            .iter()
-            .find(|row| row.0 == id)
-            .map_or(GgmlType::Unknown(id), |row| row.1)
+        TABLE.iter().find(|row| row.0 == id).map_or(GgmlType::Unknown(id), |row| row.1)
     }
 
     /// The id GGUF stores for this type.
     pub fn id(self) -> u32 {
         match self {
             GgmlType::Unknown(id) => id,
-            known => TABLE
-                .iter()
-                .find(|row| row.1 == known)
-                .map(|row| row.0)
-                .expect("every named type is in TABLE"),
+            known => TABLE.iter().find(|row| row.1 == known).map(|row| row.0).expect("every named type is in TABLE"),
         }
     }
 
     /// `(elements per block, bytes per block)`; `None` for an unknown type.
     pub fn block_layout(self) -> Option<(u64, u64)> {
-        TABLE
-            .iter()
-            .find(|row| row.1 == self)
-            .map(|row| (row.2, row.3))
+        TABLE.iter().find(|row| row.1 == self).map(|row| (row.2, row.3))
     }
 
     /// The number of bytes `n_elements` values of this type take, or `None` when the type is
@@ -164,11 +154,7 @@ impl fmt::Display for GgmlType {
 
 /// `"F32, F16, ..."`: the dequantizable types, for error messages.
 pub fn dequantizable_list() -> String {
-    DEQUANTIZABLE
-        .iter()
-        .map(|t| t.name())
-        .collect::<Vec<_>>()
-        .join(", ")
+    DEQUANTIZABLE.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]

@@ -59,12 +59,7 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<ImportReport> {
     let plan = params.plan(&file)?;
     let tensors = plan
         .iter()
-        .map(|(expected, info)| {
-            Ok(LazyTensor {
-                expected,
-                source: file.dequantizer(info)?,
-            })
-        })
+        .map(|(expected, info)| Ok(LazyTensor { expected, source: file.dequantizer(info)? }))
         .collect::<Result<Vec<_>>>()?;
     let tokenizer = build_tokenizer(&file, params.context_length)?;
     if tokenizer.n_tokens > params.vocab_size {
@@ -76,14 +71,8 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<ImportReport> {
     check_output(out_dir)?;
 
     let n_params: u64 = tensors.iter().map(|t| t.source.n_elements() as u64).sum();
-    let quant_types: Vec<String> = file
-        .tensors()
-        .iter()
-        .map(|t| t.ggml_type)
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .map(|t| t.name())
-        .collect();
+    let quant_types: Vec<String> =
+        file.tensors().iter().map(|t| t.ggml_type).collect::<BTreeSet<_>>().into_iter().map(|t| t.name()).collect();
     info!(
         architecture = %architecture,
         layers = params.n_layers,
@@ -118,11 +107,7 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<ImportReport> {
     let write_started = Instant::now();
     let weights = staging.path("model.safetensors");
     let format = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(
-        tensors.iter().map(|t| (t.expected.hf_name.as_str(), t)),
-        Some(format),
-        &weights,
-    )?;
+    safetensors::serialize_to_file(tensors.iter().map(|t| (t.expected.hf_name.as_str(), t)), Some(format), &weights)?;
     sync_file(&weights)?;
     info!(
         seconds = format!("{:.2}", write_started.elapsed().as_secs_f64()),
@@ -139,13 +124,7 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<ImportReport> {
         "imported"
     );
 
-    Ok(ImportReport {
-        architecture,
-        n_tensors: tensors.len(),
-        n_params,
-        quant_types,
-        out_dir: out_dir.to_path_buf(),
-    })
+    Ok(ImportReport { architecture, n_tensors: tensors.len(), n_params, quant_types, out_dir: out_dir.to_path_buf() })
 }
 
 /// A tensor dequantized (and for Q/K un-permuted) only when `safetensors` asks for its bytes, so
@@ -168,9 +147,7 @@ impl View for &LazyTensor<'_> {
         let started = Instant::now();
         let mut values = self.source.to_vec();
         if let Some(heads) = self.expected.unpermute_heads {
-            let [rows, cols] = self.expected.shape[..] else {
-                unreachable!("Q and K projections are matrices")
-            };
+            let [rows, cols] = self.expected.shape[..] else { unreachable!("Q and K projections are matrices") };
             values = unpermute_rows(&values, rows, cols, heads);
         }
         let mut bytes = Vec::with_capacity(values.len() * 4);
@@ -199,10 +176,7 @@ fn check_output(out_dir: &Path) -> Result<OutputState> {
         Err(e) => return Err(GgufError::io("inspect", out_dir, e)),
         Ok(meta) => meta,
     };
-    let refuse = || GgufError::OutputExists {
-        path: out_dir.to_path_buf(),
-        marker: MARKER_FILE,
-    };
+    let refuse = || GgufError::OutputExists { path: out_dir.to_path_buf(), marker: MARKER_FILE };
     if !meta.is_dir() {
         return Err(refuse());
     }
@@ -227,28 +201,17 @@ struct Staging {
 impl Staging {
     fn create(out_dir: &Path) -> Result<Self> {
         let name = out_dir.file_name().ok_or_else(|| {
-            GgufError::Unsupported(format!(
-                "output path {} does not name a folder",
-                out_dir.display()
-            ))
+            GgufError::Unsupported(format!("output path {} does not name a folder", out_dir.display()))
         })?;
         let parent = parent_of(out_dir);
         fs::create_dir_all(&parent).map_err(|e| GgufError::io("create", &parent, e))?;
-        let dir = parent.join(format!(
-            ".{}.partial-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
+        let dir = parent.join(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
         if dir.exists() {
             // Left by an earlier run that had this process id and was killed.
             fs::remove_dir_all(&dir).map_err(|e| GgufError::io("remove", &dir, e))?;
         }
         fs::create_dir(&dir).map_err(|e| GgufError::io("create", &dir, e))?;
-        Ok(Staging {
-            dir,
-            out_dir: out_dir.to_path_buf(),
-            committed: false,
-        })
+        Ok(Staging { dir, out_dir: out_dir.to_path_buf(), committed: false })
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -258,14 +221,12 @@ impl Staging {
     fn write(&self, name: &str, bytes: &[u8]) -> Result<()> {
         let path = self.path(name);
         let mut file = File::create(&path).map_err(|e| GgufError::io("create", &path, e))?;
-        file.write_all(bytes)
-            .map_err(|e| GgufError::io("write", &path, e))?;
+        file.write_all(bytes).map_err(|e| GgufError::io("write", &path, e))?;
         file.sync_all().map_err(|e| GgufError::io("sync", &path, e))
     }
 
     fn write_json(&self, name: &'static str, value: &Json) -> Result<()> {
-        let mut text = serde_json::to_string_pretty(value)
-            .map_err(|source| GgufError::Json { file: name, source })?;
+        let mut text = serde_json::to_string_pretty(value).map_err(|source| GgufError::Json { file: name, source })?;
         text.push('\n');
         self.write(name, text.as_bytes())
     }
@@ -273,9 +234,7 @@ impl Staging {
     /// Moves the finished folder to the output path (see [`import_gguf`] for the rules).
     fn commit(mut self) -> Result<()> {
         let out = self.out_dir.clone();
-        let rename = |from: &Path, to: &Path| {
-            fs::rename(from, to).map_err(|e| GgufError::io("rename", from, e))
-        };
+        let rename = |from: &Path, to: &Path| fs::rename(from, to).map_err(|e| GgufError::io("rename", from, e));
         match check_output(&out)? {
             OutputState::Absent => rename(&self.dir, &out)?,
             OutputState::EmptyDir => {
@@ -283,11 +242,7 @@ impl Staging {
                 rename(&self.dir, &out)?;
             }
             OutputState::PreviousImport => {
-                let name = out
-                    .file_name()
-                    .expect("checked in create")
-                    .to_string_lossy()
-                    .into_owned();
+                let name = out.file_name().expect("checked in create").to_string_lossy().into_owned();
                 let old = parent_of(&out).join(format!(".{name}.old-{}", std::process::id()));
                 rename(&out, &old)?;
                 if let Err(e) = rename(&self.dir, &out) {
@@ -323,9 +278,7 @@ fn parent_of(path: &Path) -> PathBuf {
 }
 
 fn sync_file(path: &Path) -> Result<()> {
-    File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| GgufError::io("sync", path, e))
+    File::open(path).and_then(|f| f.sync_all()).map_err(|e| GgufError::io("sync", path, e))
 }
 
 /// Makes a rename durable. Best effort: not every platform can sync a directory.

@@ -34,33 +34,25 @@ impl LlamaParams {
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let architecture = file.architecture()?;
         if architecture != ARCHITECTURE {
-            return Err(GgufError::UnsupportedArchitecture {
-                architecture: architecture.to_string(),
-            });
+            return Err(GgufError::UnsupportedArchitecture { architecture: architecture.to_string() });
         }
         let required = |key: &str| -> Result<usize> {
             let key = format!("llama.{key}");
             match file.get_u64(&key)? {
                 Some(value) => Ok(value as usize),
-                None => Err(GgufError::MissingMetadata {
-                    key,
-                    hint: WRITTEN_FOR_EVERY_MODEL,
-                }),
+                None => Err(GgufError::MissingMetadata { key, hint: WRITTEN_FOR_EVERY_MODEL }),
             }
         };
         let n_layers = required("block_count")?;
         let hidden_size = required("embedding_length")?;
         let intermediate_size = required("feed_forward_length")?;
         let n_heads = required("attention.head_count")?;
-        let n_kv_heads = file
-            .get_u64("llama.attention.head_count_kv")?
-            .map_or(n_heads, |v| v as usize);
+        let n_kv_heads = file.get_u64("llama.attention.head_count_kv")?.map_or(n_heads, |v| v as usize);
         let context_length = required("context_length")?;
         let eps_key = "llama.attention.layer_norm_rms_epsilon";
-        let rms_norm_eps = file.get_f64(eps_key)?.ok_or(GgufError::MissingMetadata {
-            key: eps_key.into(),
-            hint: WRITTEN_FOR_EVERY_MODEL,
-        })?;
+        let rms_norm_eps = file
+            .get_f64(eps_key)?
+            .ok_or(GgufError::MissingMetadata { key: eps_key.into(), hint: WRITTEN_FOR_EVERY_MODEL })?;
         // llama.cpp's default when the key is absent.
         let rope_theta = file.get_f64("llama.rope.freq_base")?.unwrap_or(10_000.0);
 
@@ -86,9 +78,7 @@ impl LlamaParams {
             }
         }
         if head_dim % 2 != 0 {
-            return Err(GgufError::Inconsistent(format!(
-                "head dimension {head_dim} is odd, RoPE needs it even"
-            )));
+            return Err(GgufError::Inconsistent(format!("head dimension {head_dim} is odd, RoPE needs it even")));
         }
         if let Some(rot) = file.get_u64("llama.rope.dimension_count")? {
             if rot as usize != head_dim {
@@ -100,14 +90,13 @@ impl LlamaParams {
         }
         if file.get_u64("llama.expert_count")?.unwrap_or(0) > 0 {
             return Err(GgufError::Unsupported(
-                "mixture-of-experts LLaMA models (Mixtral) are not supported; import a dense model"
-                    .into(),
+                "mixture-of-experts LLaMA models (Mixtral) are not supported; import a dense model".into(),
             ));
         }
 
-        let embeddings = file.tensor("token_embd.weight").ok_or_else(|| {
-            GgufError::Inconsistent("the file has no token_embd.weight tensor".into())
-        })?;
+        let embeddings = file
+            .tensor("token_embd.weight")
+            .ok_or_else(|| GgufError::Inconsistent("the file has no token_embd.weight tensor".into()))?;
         let vocab_size = match embeddings.dims.as_slice() {
             [h, v] if *h as usize == hidden_size => *v as usize,
             dims => {
@@ -146,47 +135,22 @@ impl LlamaParams {
         let q = self.n_heads * self.head_dim;
         let kv = self.n_kv_heads * self.head_dim;
         let mut out = vec![
-            ExpectedTensor::new(
-                "token_embd.weight",
-                "model.embed_tokens.weight",
-                vec![v, h],
-                None,
-            ),
+            ExpectedTensor::new("token_embd.weight", "model.embed_tokens.weight", vec![v, h], None),
             ExpectedTensor::new("output_norm.weight", "model.norm.weight", vec![h], None),
         ];
         if !self.tie_word_embeddings {
-            out.push(ExpectedTensor::new(
-                "output.weight",
-                "lm_head.weight",
-                vec![v, h],
-                None,
-            ));
+            out.push(ExpectedTensor::new("output.weight", "lm_head.weight", vec![v, h], None));
         }
         for layer in 0..self.n_layers {
             let g = |s: &str| format!("blk.{layer}.{s}.weight");
             let hf = |s: &str| format!("model.layers.{layer}.{s}.weight");
             out.extend([
                 ExpectedTensor::new(&g("attn_norm"), &hf("input_layernorm"), vec![h], None),
-                ExpectedTensor::new(
-                    &g("attn_q"),
-                    &hf("self_attn.q_proj"),
-                    vec![q, h],
-                    Some(self.n_heads),
-                ),
-                ExpectedTensor::new(
-                    &g("attn_k"),
-                    &hf("self_attn.k_proj"),
-                    vec![kv, h],
-                    Some(self.n_kv_heads),
-                ),
+                ExpectedTensor::new(&g("attn_q"), &hf("self_attn.q_proj"), vec![q, h], Some(self.n_heads)),
+                ExpectedTensor::new(&g("attn_k"), &hf("self_attn.k_proj"), vec![kv, h], Some(self.n_kv_heads)),
                 ExpectedTensor::new(&g("attn_v"), &hf("self_attn.v_proj"), vec![kv, h], None),
                 ExpectedTensor::new(&g("attn_output"), &hf("self_attn.o_proj"), vec![h, q], None),
-                ExpectedTensor::new(
-                    &g("ffn_norm"),
-                    &hf("post_attention_layernorm"),
-                    vec![h],
-                    None,
-                ),
+                ExpectedTensor::new(&g("ffn_norm"), &hf("post_attention_layernorm"), vec![h], None),
                 ExpectedTensor::new(&g("ffn_gate"), &hf("mlp.gate_proj"), vec![f, h], None),
                 ExpectedTensor::new(&g("ffn_up"), &hf("mlp.up_proj"), vec![f, h], None),
                 ExpectedTensor::new(&g("ffn_down"), &hf("mlp.down_proj"), vec![h, f], None),
@@ -217,8 +181,7 @@ impl LlamaParams {
             }
             plan.push((tensor, info));
         }
-        let planned: std::collections::HashSet<&str> =
-            plan.iter().map(|(t, _)| t.gguf_name.as_str()).collect();
+        let planned: std::collections::HashSet<&str> = plan.iter().map(|(t, _)| t.gguf_name.as_str()).collect();
         for info in file.tensors() {
             if planned.contains(info.name.as_str()) {
                 continue;
@@ -283,11 +246,7 @@ impl SpecialTokenIds {
     /// `generation_config.json`: the special token ids, no sampling settings.
     pub fn generation_config(&self) -> Json {
         let mut config = Map::new();
-        for (key, id) in [
-            ("bos_token_id", self.bos),
-            ("eos_token_id", self.eos),
-            ("pad_token_id", self.pad),
-        ] {
+        for (key, id) in [("bos_token_id", self.bos), ("eos_token_id", self.eos), ("pad_token_id", self.pad)] {
             if let Some(id) = id {
                 config.insert(key.into(), json!(id));
             }
@@ -308,18 +267,8 @@ pub struct ExpectedTensor {
 }
 
 impl ExpectedTensor {
-    fn new(
-        gguf_name: &str,
-        hf_name: &str,
-        shape: Vec<usize>,
-        unpermute_heads: Option<usize>,
-    ) -> Self {
-        ExpectedTensor {
-            gguf_name: gguf_name.into(),
-            hf_name: hf_name.into(),
-            shape,
-            unpermute_heads,
-        }
+    fn new(gguf_name: &str, hf_name: &str, shape: Vec<usize>, unpermute_heads: Option<usize>) -> Self {
+        ExpectedTensor { gguf_name: gguf_name.into(), hf_name: hf_name.into(), shape, unpermute_heads }
     }
 }
 
@@ -333,10 +282,7 @@ impl ExpectedTensor {
 /// `data` is row-major `[rows, cols]` with `rows` a multiple of `2 * n_heads`.
 pub fn unpermute_rows(data: &[f32], rows: usize, cols: usize, n_heads: usize) -> Vec<f32> {
     assert_eq!(data.len(), rows * cols, "data must be rows x cols");
-    assert!(
-        n_heads > 0 && rows % (2 * n_heads) == 0,
-        "rows must split into heads of even size"
-    );
+    assert!(n_heads > 0 && rows % (2 * n_heads) == 0, "rows must split into heads of even size");
     let head_dim = rows / n_heads;
     let half = head_dim / 2;
     let mut out = vec![0f32; data.len()];
@@ -345,8 +291,7 @@ pub fn unpermute_rows(data: &[f32], rows: usize, cols: usize, n_heads: usize) ->
             for s in 0..2 {
                 let src = head * head_dim + 2 * i + s;
                 let dst = head * head_dim + s * half + i;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -359,9 +304,7 @@ fn rope_scaling(file: &GgufFile) -> Result<Option<Json>> {
         Some(factor) => Some(factor),
         None => file.get_f64("llama.rope.scale_linear")?,
     };
-    let kind = file
-        .get_str("llama.rope.scaling.type")?
-        .unwrap_or(if factor.is_some() { "linear" } else { "none" });
+    let kind = file.get_str("llama.rope.scaling.type")?.unwrap_or(if factor.is_some() { "linear" } else { "none" });
     match (kind, factor) {
         ("none", _) => Ok(None),
         ("linear", None) => Ok(None),
@@ -385,9 +328,7 @@ fn rope_scaling(file: &GgufFile) -> Result<Option<Json>> {
             }
             Ok(Some(Json::Object(yarn)))
         }
-        ("yarn", None) => Err(GgufError::Inconsistent(
-            "YaRN RoPE scaling without llama.rope.scaling.factor".into(),
-        )),
+        ("yarn", None) => Err(GgufError::Inconsistent("YaRN RoPE scaling without llama.rope.scaling.factor".into())),
         (kind, _) => Err(GgufError::Unsupported(format!(
             "RoPE scaling type {kind:?} is not supported (supported: none, linear, yarn); \
              import the original Hugging Face checkpoint instead"
@@ -425,8 +366,7 @@ mod tests {
                 for i in 0..half {
                     let src = (h * 2 + s) * half + i;
                     let dst = (h * half + i) * 2 + s;
-                    out[dst * cols..(dst + 1) * cols]
-                        .copy_from_slice(&w[src * cols..(src + 1) * cols]);
+                    out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
                 }
             }
         }
@@ -437,10 +377,7 @@ mod tests {
     fn unpermute_inverts_llama_cpp_permute() {
         let (rows, cols, heads) = (24, 3, 3);
         let w: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
-        assert_eq!(
-            unpermute_rows(&permute(&w, rows, cols, heads), rows, cols, heads),
-            w
-        );
+        assert_eq!(unpermute_rows(&permute(&w, rows, cols, heads), rows, cols, heads), w);
     }
 
     #[test]

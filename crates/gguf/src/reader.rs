@@ -95,18 +95,14 @@ impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let file = File::open(path).map_err(|e| GgufError::io("open", path, e))?;
-        let len = file
-            .metadata()
-            .map_err(|e| GgufError::io("stat", path, e))?
-            .len();
+        let len = file.metadata().map_err(|e| GgufError::io("stat", path, e))?.len();
         let bytes = if len < 64 {
             // Too small to be a model (and mapping an empty file fails); read it to report why.
             Storage::Owned(std::fs::read(path).map_err(|e| GgufError::io("read", path, e))?)
         } else {
             // SAFETY: the map is read-only. As with every memory-mapped reader, the file must
             // not be truncated by another process while it is open.
-            let map = unsafe { memmap2::Mmap::map(&file) }
-                .map_err(|e| GgufError::io("memory-map", path, e))?;
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| GgufError::io("memory-map", path, e))?;
             Storage::Mapped(map)
         };
         Self::parse(path.to_path_buf(), bytes)
@@ -118,11 +114,7 @@ impl GgufFile {
     }
 
     fn parse(path: PathBuf, bytes: Storage) -> Result<Self> {
-        let mut r = Cursor {
-            bytes: &bytes,
-            pos: 0,
-            path: &path,
-        };
+        let mut r = Cursor { bytes: &bytes, pos: 0, path: &path };
 
         if bytes.len() < 4 || &bytes[..4] != MAGIC {
             let found = match bytes.len() {
@@ -160,9 +152,7 @@ impl GgufFile {
             None => DEFAULT_ALIGNMENT,
             Some(v) => match v.as_u64() {
                 Some(a) if a.is_power_of_two() => a,
-                _ => {
-                    return Err(r.malformed(format!("general.alignment is {v}, not a power of two")))
-                }
+                _ => return Err(r.malformed(format!("general.alignment is {v}, not a power of two"))),
             },
         };
 
@@ -174,21 +164,17 @@ impl GgufFile {
             let what = format!("the info of tensor {name:?}");
             let n_dims = r.u32(&what)?;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(r.malformed(format!(
-                    "tensor {name:?} has {n_dims} dimensions (ggml allows 1 to {MAX_DIMS})"
-                )));
+                return Err(
+                    r.malformed(format!("tensor {name:?} has {n_dims} dimensions (ggml allows 1 to {MAX_DIMS})"))
+                );
             }
-            let dims = (0..n_dims)
-                .map(|_| r.u64(&what))
-                .collect::<Result<Vec<_>>>()?;
+            let dims = (0..n_dims).map(|_| r.u64(&what)).collect::<Result<Vec<_>>>()?;
             let ggml_type = GgmlType::from_id(r.u32(&what)?);
             let offset = r.u64(&what)?;
 
             let n_elements = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
             let Some(n_elements) = n_elements.filter(|&n| n < 1 << 48) else {
-                return Err(r.malformed(format!(
-                    "tensor {name:?} has impossible dimensions {dims:?}"
-                )));
+                return Err(r.malformed(format!("tensor {name:?} has impossible dimensions {dims:?}")));
             };
             if let Some((block, _)) = ggml_type.block_layout() {
                 if dims[0] % block != 0 {
@@ -207,21 +193,13 @@ impl GgufFile {
             if by_name.insert(name.clone(), tensors.len()).is_some() {
                 return Err(r.malformed(format!("tensor {name:?} appears twice")));
             }
-            tensors.push(TensorInfo {
-                name,
-                dims,
-                ggml_type,
-                offset,
-                n_bytes,
-            });
+            tensors.push(TensorInfo { name, dims, ggml_type, offset, n_bytes });
         }
 
         let data_offset = (r.pos as u64).next_multiple_of(alignment);
         let len = bytes.len() as u64;
         for t in &tensors {
-            let end = data_offset
-                .checked_add(t.offset)
-                .and_then(|start| start.checked_add(t.n_bytes.unwrap_or(0)));
+            let end = data_offset.checked_add(t.offset).and_then(|start| start.checked_add(t.n_bytes.unwrap_or(0)));
             if end.is_none_or(|end| end > len) {
                 return Err(GgufError::Truncated {
                     path,
@@ -233,16 +211,7 @@ impl GgufFile {
             }
         }
 
-        Ok(GgufFile {
-            path,
-            bytes,
-            version,
-            alignment,
-            data_offset,
-            metadata,
-            tensors,
-            by_name,
-        })
+        Ok(GgufFile { path, bytes, version, alignment, data_offset, metadata, tensors, by_name })
     }
 
     /// The file this was read from.
@@ -285,21 +254,17 @@ impl GgufFile {
 
     /// `general.architecture`.
     pub fn architecture(&self) -> Result<&str> {
-        self.get_str("general.architecture")?
-            .ok_or(GgufError::MissingMetadata {
-                key: "general.architecture".into(),
-                hint: "every llama.cpp model file names its architecture; the file is not a model",
-            })
+        self.get_str("general.architecture")?.ok_or(GgufError::MissingMetadata {
+            key: "general.architecture".into(),
+            hint: "every llama.cpp model file names its architecture; the file is not a model",
+        })
     }
 
     /// The raw bytes of a tensor.
     pub fn tensor_data(&self, tensor: &TensorInfo) -> Result<&[u8]> {
         let n_bytes = tensor
             .n_bytes
-            .ok_or_else(|| GgufError::UnsupportedTensorType {
-                tensor: tensor.name.clone(),
-                ty: tensor.ggml_type,
-            })?;
+            .ok_or_else(|| GgufError::UnsupportedTensorType { tensor: tensor.name.clone(), ty: tensor.ggml_type })?;
         // In range: checked when the file was parsed.
         let start = (self.data_offset + tensor.offset) as usize;
         Ok(&self.bytes[start..start + n_bytes as usize])
@@ -308,18 +273,11 @@ impl GgufFile {
     /// A checked dequantizer for a tensor's data.
     pub fn dequantizer(&self, tensor: &TensorInfo) -> Result<Dequantizer<'_>> {
         if !tensor.ggml_type.can_dequantize() {
-            return Err(GgufError::UnsupportedTensorType {
-                tensor: tensor.name.clone(),
-                ty: tensor.ggml_type,
-            });
+            return Err(GgufError::UnsupportedTensorType { tensor: tensor.name.clone(), ty: tensor.ggml_type });
         }
         let data = self.tensor_data(tensor)?;
-        Dequantizer::new(tensor.ggml_type, data, tensor.n_elements() as usize).map_err(|source| {
-            GgufError::Dequantize {
-                tensor: tensor.name.clone(),
-                source,
-            }
-        })
+        Dequantizer::new(tensor.ggml_type, data, tensor.n_elements() as usize)
+            .map_err(|source| GgufError::Dequantize { tensor: tensor.name.clone(), source })
     }
 
     /// A tensor's values as `f32`, in GGUF element order (row-major over [`TensorInfo::shape`]).
@@ -383,13 +341,11 @@ impl GgufFile {
     ) -> Result<Option<T>> {
         match self.metadata.get(key) {
             None => Ok(None),
-            Some(value) => convert(value)
-                .map(Some)
-                .ok_or_else(|| GgufError::MetadataType {
-                    key: key.into(),
-                    found: value.type_name(),
-                    expected,
-                }),
+            Some(value) => convert(value).map(Some).ok_or_else(|| GgufError::MetadataType {
+                key: key.into(),
+                found: value.type_name(),
+                expected,
+            }),
         }
     }
 }
@@ -419,10 +375,7 @@ impl<'a> Cursor<'a> {
     }
 
     fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
-        Ok(self
-            .take(N as u64, what)?
-            .try_into()
-            .expect("take returns N bytes"))
+        Ok(self.take(N as u64, what)?.try_into().expect("take returns N bytes"))
     }
 
     fn u32(&mut self, what: &str) -> Result<u32> {
@@ -436,8 +389,7 @@ impl<'a> Cursor<'a> {
     fn string(&mut self, what: &str) -> Result<String> {
         let len = self.u64(what)?;
         let bytes = self.take(len, what)?;
-        String::from_utf8(bytes.to_vec())
-            .map_err(|_| self.malformed(format!("{what} is not valid UTF-8")))
+        String::from_utf8(bytes.to_vec()).map_err(|_| self.malformed(format!("{what} is not valid UTF-8")))
     }
 
     /// Fails as truncated when `count` items of at least `min_size` bytes cannot fit in the rest
@@ -469,9 +421,7 @@ impl<'a> Cursor<'a> {
             8 => Value::String(self.string(what)?),
             9 => {
                 if depth >= MAX_ARRAY_NESTING {
-                    return Err(self.malformed(format!(
-                        "{what} nests arrays more than {MAX_ARRAY_NESTING} deep"
-                    )));
+                    return Err(self.malformed(format!("{what} nests arrays more than {MAX_ARRAY_NESTING} deep")));
                 }
                 let item_type = self.u32(what)?;
                 let count = self.u64(what)?;
@@ -481,16 +431,10 @@ impl<'a> Cursor<'a> {
                     4..=6 => 4,
                     8 | 10..=12 => 8,
                     9 => 12,
-                    other => {
-                        return Err(
-                            self.malformed(format!("{what} is an array of unknown type {other}"))
-                        )
-                    }
+                    other => return Err(self.malformed(format!("{what} is an array of unknown type {other}"))),
                 };
                 self.check_count(count, min_size, what)?;
-                let items = (0..count)
-                    .map(|_| self.value(item_type, what, depth + 1))
-                    .collect::<Result<Vec<_>>>()?;
+                let items = (0..count).map(|_| self.value(item_type, what, depth + 1)).collect::<Result<Vec<_>>>()?;
                 Value::Array(items)
             }
             10 => Value::U64(u64::from_le_bytes(self.array(what)?)),
@@ -501,9 +445,6 @@ impl<'a> Cursor<'a> {
     }
 
     fn malformed(&self, detail: String) -> GgufError {
-        GgufError::Malformed {
-            path: self.path.to_path_buf(),
-            detail,
-        }
+        GgufError::Malformed { path: self.path.to_path_buf(), detail }
     }
 }

@@ -20,14 +20,7 @@ mod token_type {
 }
 
 /// The `tokenizer.ggml.pre` values this crate maps, for messages.
-pub const SUPPORTED_PRE_TOKENIZERS: &[&str] = &[
-    "smollm",
-    "starcoder",
-    "gpt-2",
-    "llama-bpe",
-    "llama3",
-    "llama-v3",
-];
+pub const SUPPORTED_PRE_TOKENIZERS: &[&str] = &["smollm", "starcoder", "gpt-2", "llama-bpe", "llama3", "llama-v3"];
 
 /// LLaMA 3's split regex, as in its `tokenizer.json` and llama.cpp's `LLAMA_VOCAB_PRE_TYPE_LLAMA3`.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -46,30 +39,24 @@ pub struct HfTokenizer {
 
 /// Builds the tokenizer files. `model_max_length` goes into `tokenizer_config.json`.
 pub fn build_tokenizer(file: &GgufFile, model_max_length: usize) -> Result<HfTokenizer> {
-    let model = file
-        .get_str("tokenizer.ggml.model")?
-        .ok_or(GgufError::MissingMetadata {
-            key: "tokenizer.ggml.model".into(),
-            hint: "the file carries no tokenizer; use a GGUF converted with its tokenizer",
-        })?;
+    let model = file.get_str("tokenizer.ggml.model")?.ok_or(GgufError::MissingMetadata {
+        key: "tokenizer.ggml.model".into(),
+        hint: "the file carries no tokenizer; use a GGUF converted with its tokenizer",
+    })?;
     if model != "gpt2" {
         return Err(GgufError::Unsupported(format!(
             "tokenizer model {model:?} is not supported: only byte-level BPE (\"gpt2\", as in SmolLM, \
              StarCoder and LLaMA 3) can be rebuilt; SentencePiece (\"llama\") tokenizers cannot"
         )));
     }
-    let tokens = file
-        .get_strings("tokenizer.ggml.tokens")?
-        .ok_or(GgufError::MissingMetadata {
-            key: "tokenizer.ggml.tokens".into(),
-            hint: "the file carries no vocabulary; re-convert the model with llama.cpp",
-        })?;
-    let merges = file
-        .get_strings("tokenizer.ggml.merges")?
-        .ok_or(GgufError::MissingMetadata {
-            key: "tokenizer.ggml.merges".into(),
-            hint: "a BPE tokenizer needs its merges; re-convert the model with a current llama.cpp",
-        })?;
+    let tokens = file.get_strings("tokenizer.ggml.tokens")?.ok_or(GgufError::MissingMetadata {
+        key: "tokenizer.ggml.tokens".into(),
+        hint: "the file carries no vocabulary; re-convert the model with llama.cpp",
+    })?;
+    let merges = file.get_strings("tokenizer.ggml.merges")?.ok_or(GgufError::MissingMetadata {
+        key: "tokenizer.ggml.merges".into(),
+        hint: "a BPE tokenizer needs its merges; re-convert the model with a current llama.cpp",
+    })?;
     let types = match file.get_u64s("tokenizer.ggml.token_type")? {
         Some(types) if types.len() != tokens.len() => {
             return Err(GgufError::Inconsistent(format!(
@@ -91,22 +78,17 @@ pub fn build_tokenizer(file: &GgufFile, model_max_length: usize) -> Result<HfTok
         match file.get_u64(key)? {
             None => Ok(None),
             Some(id) if (id as usize) < tokens.len() => Ok(Some(id as u32)),
-            Some(id) => Err(GgufError::Inconsistent(format!(
-                "{key} is {id}, but the vocabulary has {} tokens",
-                tokens.len()
-            ))),
+            Some(id) => {
+                Err(GgufError::Inconsistent(format!("{key} is {id}, but the vocabulary has {} tokens", tokens.len())))
+            }
         }
     };
     let bos = id_of("tokenizer.ggml.bos_token_id")?;
     let eos = id_of("tokenizer.ggml.eos_token_id")?;
     let unk = id_of("tokenizer.ggml.unknown_token_id")?;
     let pad = id_of("tokenizer.ggml.padding_token_id")?;
-    let add_bos = file
-        .get_bool("tokenizer.ggml.add_bos_token")?
-        .unwrap_or(false);
-    let add_eos = file
-        .get_bool("tokenizer.ggml.add_eos_token")?
-        .unwrap_or(false);
+    let add_bos = file.get_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
+    let add_eos = file.get_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
     let token = |id: Option<u32>| id.map(|id| tokens[id as usize]);
 
     // Control tokens are special added tokens; user-defined ones are added tokens matched
@@ -116,11 +98,7 @@ pub fn build_tokenizer(file: &GgufFile, model_max_length: usize) -> Result<HfTok
         .zip(&types)
         .enumerate()
         .filter(|(_, (_, &ty))| ty == token_type::CONTROL || ty == token_type::USER_DEFINED)
-        .map(|(id, (&content, &ty))| AddedToken {
-            id: id as u32,
-            content,
-            special: ty == token_type::CONTROL,
-        })
+        .map(|(id, (&content, &ty))| AddedToken { id: id as u32, content, special: ty == token_type::CONTROL })
         .collect();
 
     let vocab = Vocab::new(&tokens, &types)?;
@@ -128,9 +106,7 @@ pub fn build_tokenizer(file: &GgufFile, model_max_length: usize) -> Result<HfTok
         .iter()
         .map(|m| match m.split_once(' ') {
             Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(' ') => Ok((a, b)),
-            _ => Err(GgufError::Inconsistent(format!(
-                "BPE merge {m:?} is not two tokens separated by one space"
-            ))),
+            _ => Err(GgufError::Inconsistent(format!("BPE merge {m:?} is not two tokens separated by one space"))),
         })
         .collect::<Result<Vec<_>>>()?;
 
@@ -177,21 +153,14 @@ pub fn build_tokenizer(file: &GgufFile, model_max_length: usize) -> Result<HfTok
             merges,
         },
     };
-    let tokenizer_json = serde_json::to_string(&tokenizer).map_err(|source| GgufError::Json {
-        file: "tokenizer.json",
-        source,
-    })?;
+    let tokenizer_json =
+        serde_json::to_string(&tokenizer).map_err(|source| GgufError::Json { file: "tokenizer.json", source })?;
 
     let mut config = Map::new();
     config.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
     config.insert("add_bos_token".into(), json!(add_bos));
     config.insert("add_eos_token".into(), json!(add_eos));
-    for (key, id) in [
-        ("bos_token", bos),
-        ("eos_token", eos),
-        ("unk_token", unk),
-        ("pad_token", pad),
-    ] {
+    for (key, id) in [("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad)] {
         if let Some(text) = token(id) {
             config.insert(key.into(), json!(text));
         }
@@ -345,11 +314,7 @@ impl<'a> Vocab<'a> {
             let spelled: std::borrow::Cow<str> = if added || token.chars().all(in_alphabet) {
                 token.into()
             } else {
-                token
-                    .bytes()
-                    .map(|b| alphabet[b as usize])
-                    .collect::<String>()
-                    .into()
+                token.bytes().map(|b| alphabet[b as usize]).collect::<String>().into()
             };
             if let Some(first) = seen.insert(spelled.clone(), id) {
                 return Err(GgufError::Inconsistent(format!(
@@ -408,9 +373,6 @@ mod tests {
     #[test]
     fn unknown_pre_tokenizer_is_refused() {
         let err = pre_tokenizer("deepseek-llm").unwrap_err().to_string();
-        assert!(
-            err.contains("deepseek-llm") && err.contains("smollm"),
-            "{err}"
-        );
+        assert!(err.contains("deepseek-llm") && err.contains("smollm"), "{err}");
     }
 }

@@ -96,12 +96,7 @@ impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Value::String(s) if s.chars().count() > 60 => {
-                write!(
-                    f,
-                    "{:?}... ({} chars)",
-                    s.chars().take(60).collect::<String>(),
-                    s.chars().count()
-                )
+                write!(f, "{:?}... ({} chars)", s.chars().take(60).collect::<String>(), s.chars().count())
             }
             Value::String(s) => write!(f, "{s:?}"),
             Value::Array(items) if items.len() > 8 => write!(f, "[{} items]", items.len()),

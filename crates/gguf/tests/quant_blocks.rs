@@ -6,17 +6,11 @@ mod common;
 use longmix_gguf::{dequantize, GgmlType, DEQUANTIZABLE};
 
 fn unhex(hex: &str) -> Vec<u8> {
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-        .collect()
+    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect()
 }
 
 fn type_named(name: &str) -> GgmlType {
-    (0..64)
-        .map(GgmlType::from_id)
-        .find(|t| t.name() == name)
-        .unwrap_or_else(|| panic!("no ggml type {name}"))
+    (0..64).map(GgmlType::from_id).find(|t| t.name() == name).unwrap_or_else(|| panic!("no ggml type {name}"))
 }
 
 #[test]

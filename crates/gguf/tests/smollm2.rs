@@ -12,21 +12,11 @@ use safetensors::SafeTensors;
 use serde_json::Value;
 
 fn f32s(values: &Value) -> Vec<f32> {
-    values
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap() as f32)
-        .collect()
+    values.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
 }
 
 fn ids(values: &Value) -> Vec<u32> {
-    values
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect()
+    values.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
 }
 
 fn check_reference_source(reference: &Value) {
@@ -52,15 +42,9 @@ fn tokenizer_matches_reference_ids() {
     for case in cases {
         let text = case["text"].as_str().unwrap();
         let expected = ids(&case["expected_ids"]);
-        let got = tokenizer
-            .encode(text, add_special)
-            .unwrap()
-            .get_ids()
-            .to_vec();
+        let got = tokenizer.encode(text, add_special).unwrap().get_ids().to_vec();
         if got != expected {
-            failures.push(format!(
-                "{text:?}\n  expected {expected:?}\n  got      {got:?}"
-            ));
+            failures.push(format!("{text:?}\n  expected {expected:?}\n  got      {got:?}"));
         }
         // transformers' GGUF tokenizer does not split off digits first (see the fixture script);
         // everywhere else the two must agree.
@@ -74,12 +58,7 @@ fn tokenizer_matches_reference_ids() {
         // Byte-level BPE loses nothing.
         assert_eq!(tokenizer.decode(&got, false).unwrap(), text);
     }
-    assert!(
-        failures.is_empty(),
-        "{} texts tokenized differently:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} texts tokenized differently:\n{}", failures.len(), failures.join("\n"));
 
     let pre = serde_json::to_value(tokenizer.get_pre_tokenizer().unwrap()).unwrap();
     assert_eq!(pre, reference["expected_pre_tokenizer"]);
@@ -94,31 +73,19 @@ fn dequantized_tensors_match_gguf_py() {
     let weights = SafeTensors::deserialize(&bytes).unwrap();
     let gguf = GgufFile::open(smollm2_gguf()).unwrap();
     let heads = gguf.get_u64("llama.attention.head_count").unwrap().unwrap() as usize;
-    let kv_heads = gguf
-        .get_u64("llama.attention.head_count_kv")
-        .unwrap()
-        .unwrap() as usize;
+    let kv_heads = gguf.get_u64("llama.attention.head_count_kv").unwrap().unwrap() as usize;
 
     let mut types_seen = std::collections::BTreeSet::new();
     for entry in reference["tensors"].as_array().unwrap() {
         let name = entry["hf_name"].as_str().unwrap();
-        let shape: Vec<usize> = entry["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_u64().unwrap() as usize)
-            .collect();
+        let shape: Vec<usize> =
+            entry["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
 
         // Through the import: model.safetensors.
-        let view = weights
-            .tensor(name)
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let view = weights.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(view.shape(), &shape[..], "{name}");
-        let imported: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
+        let imported: Vec<f32> =
+            view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
 
         // Directly: GgufFile::dequantize and unpermute_rows.
         let gguf_name = entry["gguf_name"].as_str().unwrap();
@@ -127,27 +94,16 @@ fn dequantized_tensors_match_gguf_py() {
         types_seen.insert(info.ggml_type.name());
         let mut direct = gguf.dequantize(info).unwrap();
         if gguf_name.ends_with("attn_q.weight") || gguf_name.ends_with("attn_k.weight") {
-            let n = if gguf_name.ends_with("attn_q.weight") {
-                heads
-            } else {
-                kv_heads
-            };
+            let n = if gguf_name.ends_with("attn_q.weight") { heads } else { kv_heads };
             direct = unpermute_rows(&direct, shape[0], shape[1], n);
         }
-        assert!(
-            direct == imported,
-            "{name}: the import and GgufFile::dequantize disagree"
-        );
+        assert!(direct == imported, "{name}: the import and GgufFile::dequantize disagree");
 
         let cols = *shape.last().unwrap();
         for row in entry["rows"].as_array().into_iter().flatten() {
             let r = row["row"].as_u64().unwrap() as usize;
             let expected = f32s(&row["values"]);
-            assert_eq!(
-                &imported[r * cols..r * cols + expected.len()],
-                &expected[..],
-                "{name} row {r}"
-            );
+            assert_eq!(&imported[r * cols..r * cols + expected.len()], &expected[..], "{name} row {r}");
         }
         for sample in entry["samples"].as_array().unwrap() {
             let i = sample[0].as_u64().unwrap() as usize;
@@ -156,29 +112,15 @@ fn dequantized_tensors_match_gguf_py() {
         }
         let close = |got: f64, key: &str| {
             let want = entry[key].as_f64().unwrap();
-            assert!(
-                (got - want).abs() <= 1e-9 * want.abs().max(1.0),
-                "{name} {key}: {got} vs {want}"
-            );
+            assert!((got - want).abs() <= 1e-9 * want.abs().max(1.0), "{name} {key}: {got} vs {want}");
         };
         close(imported.iter().map(|&v| v as f64).sum(), "sum");
         close(imported.iter().map(|&v| (v as f64).abs()).sum(), "sum_abs");
-        close(
-            imported.iter().map(|&v| (v as f64) * (v as f64)).sum(),
-            "sum_sq",
-        );
+        close(imported.iter().map(|&v| (v as f64) * (v as f64)).sum(), "sum_sq");
     }
-    let present: Vec<String> = reference["types_present"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(
-        types_seen.into_iter().collect::<Vec<_>>(),
-        present,
-        "every type in the file is checked"
-    );
+    let present: Vec<String> =
+        reference["types_present"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
+    assert_eq!(types_seen.into_iter().collect::<Vec<_>>(), present, "every type in the file is checked");
 }
 
 #[test]
@@ -190,10 +132,7 @@ fn config_and_report() {
     assert_eq!(report.quant_types, ["F32", "Q4_1", "Q8_0"]);
 
     let config = read_json(&out.join("config.json"));
-    assert_eq!(
-        config["architectures"],
-        serde_json::json!(["LlamaForCausalLM"])
-    );
+    assert_eq!(config["architectures"], serde_json::json!(["LlamaForCausalLM"]));
     assert_eq!(config["model_type"], "llama");
     assert_eq!(config["num_hidden_layers"], 30);
     assert_eq!(config["hidden_size"], 576);
@@ -222,17 +161,8 @@ fn config_and_report() {
     assert_eq!(tok_config["unk_token"], "<|endoftext|>");
     assert_eq!(tok_config["add_bos_token"], false);
     assert_eq!(tok_config["model_max_length"], 8192);
-    assert!(tok_config["chat_template"]
-        .as_str()
-        .unwrap()
-        .contains("<|im_start|>"));
-    assert_eq!(
-        tok_config["added_tokens_decoder"]
-            .as_object()
-            .unwrap()
-            .len(),
-        17
-    );
+    assert!(tok_config["chat_template"].as_str().unwrap().contains("<|im_start|>"));
+    assert_eq!(tok_config["added_tokens_decoder"].as_object().unwrap().len(), 17);
 
     let generation = read_json(&out.join("generation_config.json"));
     assert_eq!(generation["eos_token_id"], 2);
@@ -240,8 +170,5 @@ fn config_and_report() {
     let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
     let weights = SafeTensors::deserialize(&bytes).unwrap();
     assert_eq!(weights.len(), 272);
-    assert!(
-        weights.names().iter().all(|n| *n != "lm_head.weight"),
-        "tied: no lm_head"
-    );
+    assert!(weights.names().iter().all(|n| *n != "lm_head.weight"), "tied: no lm_head");
 }

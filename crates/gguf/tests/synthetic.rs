@@ -20,10 +20,7 @@ const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
 /// GPT-2's byte alphabet: the token for each byte.
 fn byte_tokens() -> Vec<String> {
-    longmix_gguf::tokenizer::byte_level_alphabet()
-        .iter()
-        .map(|c| c.to_string())
-        .collect()
+    longmix_gguf::tokenizer::byte_level_alphabet().iter().map(|c| c.to_string()).collect()
 }
 
 /// The vocabulary: 3 control tokens, the 256 byte tokens, then "ab" and "abc".
@@ -50,98 +47,20 @@ struct Spec {
 fn specs() -> Vec<Spec> {
     let v = vocab().len();
     let kv = KV_HEADS * HEAD_DIM;
-    let s = |gguf, hf, shape, ty, permute_heads| Spec {
-        gguf,
-        hf,
-        shape,
-        ty,
-        permute_heads,
-    };
+    let s = |gguf, hf, shape, ty, permute_heads| Spec { gguf, hf, shape, ty, permute_heads };
     vec![
-        s(
-            "token_embd.weight",
-            "model.embed_tokens.weight",
-            [v, HIDDEN],
-            ggml::Q8_0,
-            None,
-        ),
-        s(
-            "output_norm.weight",
-            "model.norm.weight",
-            [1, HIDDEN],
-            ggml::F32,
-            None,
-        ),
-        s(
-            "output.weight",
-            "lm_head.weight",
-            [v, HIDDEN],
-            ggml::Q4_1,
-            None,
-        ),
-        s(
-            "blk.0.attn_norm.weight",
-            "model.layers.0.input_layernorm.weight",
-            [1, HIDDEN],
-            ggml::F32,
-            None,
-        ),
-        s(
-            "blk.0.attn_q.weight",
-            "model.layers.0.self_attn.q_proj.weight",
-            [HIDDEN, HIDDEN],
-            ggml::Q4_0,
-            Some(HEADS),
-        ),
-        s(
-            "blk.0.attn_k.weight",
-            "model.layers.0.self_attn.k_proj.weight",
-            [kv, HIDDEN],
-            ggml::Q4_1,
-            Some(KV_HEADS),
-        ),
-        s(
-            "blk.0.attn_v.weight",
-            "model.layers.0.self_attn.v_proj.weight",
-            [kv, HIDDEN],
-            ggml::F16,
-            None,
-        ),
-        s(
-            "blk.0.attn_output.weight",
-            "model.layers.0.self_attn.o_proj.weight",
-            [HIDDEN, HIDDEN],
-            ggml::Q8_0,
-            None,
-        ),
-        s(
-            "blk.0.ffn_norm.weight",
-            "model.layers.0.post_attention_layernorm.weight",
-            [1, HIDDEN],
-            ggml::F32,
-            None,
-        ),
-        s(
-            "blk.0.ffn_gate.weight",
-            "model.layers.0.mlp.gate_proj.weight",
-            [FFN, HIDDEN],
-            ggml::Q4_1,
-            None,
-        ),
-        s(
-            "blk.0.ffn_up.weight",
-            "model.layers.0.mlp.up_proj.weight",
-            [FFN, HIDDEN],
-            ggml::Q4_0,
-            None,
-        ),
-        s(
-            "blk.0.ffn_down.weight",
-            "model.layers.0.mlp.down_proj.weight",
-            [HIDDEN, FFN],
-            ggml::F16,
-            None,
-        ),
+        s("token_embd.weight", "model.embed_tokens.weight", [v, HIDDEN], ggml::Q8_0, None),
+        s("output_norm.weight", "model.norm.weight", [1, HIDDEN], ggml::F32, None),
+        s("output.weight", "lm_head.weight", [v, HIDDEN], ggml::Q4_1, None),
+        s("blk.0.attn_norm.weight", "model.layers.0.input_layernorm.weight", [1, HIDDEN], ggml::F32, None),
+        s("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight", [HIDDEN, HIDDEN], ggml::Q4_0, Some(HEADS)),
+        s("blk.0.attn_k.weight", "model.layers.0.self_attn.k_proj.weight", [kv, HIDDEN], ggml::Q4_1, Some(KV_HEADS)),
+        s("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj.weight", [kv, HIDDEN], ggml::F16, None),
+        s("blk.0.attn_output.weight", "model.layers.0.self_attn.o_proj.weight", [HIDDEN, HIDDEN], ggml::Q8_0, None),
+        s("blk.0.ffn_norm.weight", "model.layers.0.post_attention_layernorm.weight", [1, HIDDEN], ggml::F32, None),
+        s("blk.0.ffn_gate.weight", "model.layers.0.mlp.gate_proj.weight", [FFN, HIDDEN], ggml::Q4_1, None),
+        s("blk.0.ffn_up.weight", "model.layers.0.mlp.up_proj.weight", [FFN, HIDDEN], ggml::Q4_0, None),
+        s("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight", [HIDDEN, FFN], ggml::F16, None),
     ]
 }
 
@@ -168,18 +87,9 @@ fn tiny_llama() -> (GgufWriter, Expected) {
         .kv("tokenizer.ggml.tokens", Kv::Strs(vocab()))
         .kv(
             "tokenizer.ggml.token_type",
-            Kv::I32s(
-                vocab()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, _)| if i < 3 { 3 } else { 1 })
-                    .collect(),
-            ),
+            Kv::I32s(vocab().iter().enumerate().map(|(i, _)| if i < 3 { 3 } else { 1 }).collect()),
         )
-        .kv(
-            "tokenizer.ggml.merges",
-            Kv::Strs(vec!["a b".into(), "ab c".into()]),
-        )
+        .kv("tokenizer.ggml.merges", Kv::Strs(vec!["a b".into(), "ab c".into()]))
         .kv("tokenizer.ggml.bos_token_id", Kv::U32(1))
         .kv("tokenizer.ggml.eos_token_id", Kv::U32(2))
         .kv("tokenizer.ggml.add_bos_token", Kv::Bool(true))
@@ -189,11 +99,7 @@ fn tiny_llama() -> (GgufWriter, Expected) {
     for (seed, spec) in specs().into_iter().enumerate() {
         let [rows, cols] = spec.shape;
         let (bytes, gguf_values) = quantize(spec.ty, rows * cols, seed as u64);
-        let dims: Vec<u64> = if rows == 1 {
-            vec![cols as u64]
-        } else {
-            vec![cols as u64, rows as u64]
-        };
+        let dims: Vec<u64> = if rows == 1 { vec![cols as u64] } else { vec![cols as u64, rows as u64] };
         w.tensor(spec.gguf, &dims, spec.ty, bytes);
         // The GGUF rows of Q and K are llama.cpp's permutation of the HF rows: find which HF
         // row each GGUF row came from and put it back.
@@ -205,17 +111,12 @@ fn tiny_llama() -> (GgufWriter, Expected) {
                 let mut hf = vec![0.0; rows * cols];
                 for (g, &r) in source_row.iter().enumerate() {
                     let r = r as usize;
-                    hf[r * cols..(r + 1) * cols]
-                        .copy_from_slice(&gguf_values[g * cols..(g + 1) * cols]);
+                    hf[r * cols..(r + 1) * cols].copy_from_slice(&gguf_values[g * cols..(g + 1) * cols]);
                 }
                 hf
             }
         };
-        let shape = if rows == 1 {
-            vec![cols]
-        } else {
-            vec![rows, cols]
-        };
+        let shape = if rows == 1 { vec![cols] } else { vec![rows, cols] };
         expected.insert(spec.hf, (shape, hf_values));
     }
     (w, expected)
@@ -231,10 +132,7 @@ fn round_trip_of_hand_quantized_model() {
     let report = import_gguf(&gguf, &out).unwrap();
     assert_eq!(report.architecture, "llama");
     assert_eq!(report.n_tensors, 12);
-    assert_eq!(
-        report.n_params,
-        expected.values().map(|(_, v)| v.len() as u64).sum::<u64>()
-    );
+    assert_eq!(report.n_params, expected.values().map(|(_, v)| v.len() as u64).sum::<u64>());
     assert_eq!(report.quant_types, ["F32", "F16", "Q4_0", "Q4_1", "Q8_0"]);
     assert_eq!(report.out_dir, out);
 
@@ -247,11 +145,7 @@ fn round_trip_of_hand_quantized_model() {
         let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
         assert_eq!(t.shape(), &shape[..], "{name}");
-        let got: Vec<f32> = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
+        let got: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
         assert!(got == *values, "{name}: values differ");
     }
 
@@ -286,14 +180,8 @@ fn round_trip_of_hand_quantized_model() {
     let tokenizer = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
     let encoding = tokenizer.encode("abc ab12<|im_end|>", true).unwrap();
     let space = id("Ġ");
-    assert_eq!(
-        encoding.get_ids(),
-        [1, id("abc"), space, id("ab"), id("1"), id("2"), 2]
-    );
-    assert_eq!(
-        tokenizer.decode(encoding.get_ids(), false).unwrap(),
-        "<|im_start|>abc ab12<|im_end|>"
-    );
+    assert_eq!(encoding.get_ids(), [1, id("abc"), space, id("ab"), id("1"), id("2"), 2]);
+    assert_eq!(tokenizer.decode(encoding.get_ids(), false).unwrap(), "<|im_start|>abc ab12<|im_end|>");
 }
 
 #[test]
@@ -305,10 +193,7 @@ fn reads_version_2_and_metadata() {
     assert_eq!(file.alignment(), 32);
     assert_eq!(file.architecture().unwrap(), "llama");
     assert_eq!(file.get_u64("llama.block_count").unwrap(), Some(1));
-    assert_eq!(
-        file.get_strings("tokenizer.ggml.merges").unwrap().unwrap(),
-        ["a b", "ab c"]
-    );
+    assert_eq!(file.get_strings("tokenizer.ggml.merges").unwrap().unwrap(), ["a b", "ab c"]);
     let q = file.tensor("blk.0.attn_q.weight").unwrap();
     assert_eq!(q.dims, [HIDDEN as u64, HIDDEN as u64]);
     assert_eq!(q.ggml_type, GgmlType::Q4_0);
@@ -320,10 +205,7 @@ fn reads_version_2_and_metadata() {
 fn import_error(dir: &Path, gguf: &Path) -> GgufError {
     let out = dir.join("out");
     let err = import_gguf(gguf, &out).expect_err("the import should fail");
-    assert!(
-        !out.exists(),
-        "a failed import must not create the output folder"
-    );
+    assert!(!out.exists(), "a failed import must not create the output folder");
     let leftovers: Vec<_> = fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -344,16 +226,11 @@ fn bad_magic_names_the_file() {
     assert!(matches!(err, GgufError::NotGguf { .. }), "{err:?}");
     let message = err.to_string();
     assert!(message.contains(&path.display().to_string()), "{message}");
-    assert!(
-        message.contains("not a GGUF file") && message.contains(r#""PK\x03\x04""#),
-        "{message}"
-    );
+    assert!(message.contains("not a GGUF file") && message.contains(r#""PK\x03\x04""#), "{message}");
 
     let empty = dir.join("empty.gguf");
     fs::write(&empty, b"").unwrap();
-    assert!(import_error(&dir, &empty)
-        .to_string()
-        .contains("the file is empty"));
+    assert!(import_error(&dir, &empty).to_string().contains("the file is empty"));
 }
 
 #[test]
@@ -370,15 +247,9 @@ fn truncated_files_say_so_wherever_they_end() {
         let path = dir.join(format!("cut-{cut}.gguf"));
         fs::write(&path, &bytes[..cut]).unwrap();
         let err = import_error(&dir, &path);
-        assert!(
-            matches!(err, GgufError::Truncated { .. }),
-            "cut at {cut}: {err:?}"
-        );
+        assert!(matches!(err, GgufError::Truncated { .. }), "cut at {cut}: {err:?}");
         let message = err.to_string();
-        assert!(
-            message.contains("is truncated") && message.contains(&path.display().to_string()),
-            "{message}"
-        );
+        assert!(message.contains("is truncated") && message.contains(&path.display().to_string()), "{message}");
     }
 }
 
@@ -391,8 +262,7 @@ fn unsupported_versions_are_refused() {
         let err = import_error(&dir, &writer.write(&dir.join(format!("v{version}.gguf"))));
         let message = err.to_string();
         assert!(
-            message.contains(&format!("GGUF version {version}"))
-                && message.contains("supported: 2 and 3"),
+            message.contains(&format!("GGUF version {version}")) && message.contains("supported: 2 and 3"),
             "{message}"
         );
     }
@@ -410,14 +280,8 @@ fn unsupported_architecture_is_named() {
     writer.kv("general.architecture", Kv::str("phi3"));
     let err = import_error(&dir, &writer.write(&dir.join("phi3.gguf")));
     let message = err.to_string();
-    assert!(
-        matches!(err, GgufError::UnsupportedArchitecture { .. }),
-        "{err:?}"
-    );
-    assert!(
-        message.contains("\"phi3\"") && message.contains("only \"llama\""),
-        "{message}"
-    );
+    assert!(matches!(err, GgufError::UnsupportedArchitecture { .. }), "{err:?}");
+    assert!(message.contains("\"phi3\"") && message.contains("only \"llama\""), "{message}");
 }
 
 #[test]
@@ -425,40 +289,15 @@ fn unsupported_quant_type_names_tensor_and_type() {
     let dir = scratch("quant_type");
     let (mut writer, _) = tiny_llama();
     // IQ4_NL: 32-value blocks of 18 bytes, which this crate does not dequantize.
-    writer.tensor(
-        "blk.0.ffn_up.weight",
-        &[HIDDEN as u64, FFN as u64],
-        ggml::IQ4_NL,
-        vec![0; FFN * HIDDEN / 32 * 18],
-    );
+    writer.tensor("blk.0.ffn_up.weight", &[HIDDEN as u64, FFN as u64], ggml::IQ4_NL, vec![0; FFN * HIDDEN / 32 * 18]);
     let err = import_error(&dir, &writer.write(&dir.join("iq4.gguf")));
     let message = err.to_string();
-    assert!(
-        matches!(
-            err,
-            GgufError::UnsupportedTensorType {
-                ty: GgmlType::IQ4_NL,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    assert!(
-        message.contains("\"blk.0.ffn_up.weight\"") && message.contains("IQ4_NL"),
-        "{message}"
-    );
-    assert!(
-        message.contains("Q8_0") && message.contains("Q6_K"),
-        "lists the supported types: {message}"
-    );
+    assert!(matches!(err, GgufError::UnsupportedTensorType { ty: GgmlType::IQ4_NL, .. }), "{err:?}");
+    assert!(message.contains("\"blk.0.ffn_up.weight\"") && message.contains("IQ4_NL"), "{message}");
+    assert!(message.contains("Q8_0") && message.contains("Q6_K"), "lists the supported types: {message}");
 
     let (mut writer, _) = tiny_llama();
-    writer.tensor(
-        "blk.0.ffn_up.weight",
-        &[HIDDEN as u64, FFN as u64],
-        200,
-        vec![],
-    );
+    writer.tensor("blk.0.ffn_up.weight", &[HIDDEN as u64, FFN as u64], 200, vec![]);
     let err = import_error(&dir, &writer.write(&dir.join("unknown.gguf")));
     assert!(err.to_string().contains("unknown type 200"), "{err}");
 }
@@ -478,12 +317,7 @@ fn other_model_problems_are_reported() {
         (
             "extra tensor",
             Box::new(|w| {
-                w.tensor(
-                    "blk.0.attn_q.bias",
-                    &[HIDDEN as u64],
-                    ggml::F32,
-                    vec![0; HIDDEN * 4],
-                );
+                w.tensor("blk.0.attn_q.bias", &[HIDDEN as u64], ggml::F32, vec![0; HIDDEN * 4]);
             }),
             "\"blk.0.attn_q.bias\" has no counterpart",
         ),
@@ -536,16 +370,11 @@ fn other_model_problems_are_reported() {
 fn rope_scaling_is_written() {
     let dir = scratch("rope_scaling");
     let (mut writer, _) = tiny_llama();
-    writer
-        .kv("llama.rope.scaling.type", Kv::str("linear"))
-        .kv("llama.rope.scaling.factor", Kv::F32(2.0));
+    writer.kv("llama.rope.scaling.type", Kv::str("linear")).kv("llama.rope.scaling.factor", Kv::F32(2.0));
     let out = dir.join("out");
     import_gguf(&writer.write(&dir.join("m.gguf")), &out).unwrap();
     let config = read_json(&out.join("config.json"));
-    assert_eq!(
-        config["rope_scaling"],
-        serde_json::json!({"rope_type": "linear", "factor": 2.0})
-    );
+    assert_eq!(config["rope_scaling"], serde_json::json!({"rope_type": "linear", "factor": 2.0}));
 }
 
 #[test]
@@ -581,10 +410,8 @@ fn output_folder_rules() {
     assert!(out.join("model.safetensors").is_file());
 
     // Nothing but the GGUF files and the output is left in the parent.
-    let mut names: Vec<_> = fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let mut names: Vec<_> =
+        fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();
     assert_eq!(names, ["bad.gguf", "out", "tiny.gguf"]);
 }

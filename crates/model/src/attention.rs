@@ -31,8 +31,8 @@ pub enum Plan {
 pub fn document_spans(position_ids: &Tensor) -> Vec<Vec<Span>> {
     let size = position_ids.size();
     let (batch, seq_len) = (size[0], size[1]);
-    let pos: Vec<i64> = Vec::try_from(position_ids.to_device(Device::Cpu).reshape([-1]))
-        .expect("position_ids must be an int64 tensor");
+    let pos: Vec<i64> =
+        Vec::try_from(position_ids.to_device(Device::Cpu).reshape([-1])).expect("position_ids must be an int64 tensor");
     (0..batch)
         .map(|b| {
             let row = &pos[(b * seq_len) as usize..((b + 1) * seq_len) as usize];

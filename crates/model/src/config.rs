@@ -197,10 +197,9 @@ fn first_id(v: Option<&Value>) -> Option<i64> {
 fn get_f64(m: &Map<String, Value>, key: &str) -> Result<Option<f64>> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_f64()
-            .map(Some)
-            .ok_or_else(|| anyhow::anyhow!("rope parameter {key:?} must be a number, got {v}")),
+        Some(v) => {
+            v.as_f64().map(Some).ok_or_else(|| anyhow::anyhow!("rope parameter {key:?} must be a number, got {v}"))
+        }
     }
 }
 
@@ -236,11 +235,7 @@ pub fn resolve_rope(
 ) -> Result<RopeConfig> {
     let empty = Map::new();
     let p = params.unwrap_or(&empty);
-    let rope_type = p
-        .get("rope_type")
-        .or_else(|| p.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let rope_type = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
     let theta = get_f64(p, "rope_theta")?.or(top_theta).unwrap_or(10_000.0);
     let partial = get_f64(p, "partial_rotary_factor")?.or(top_partial).unwrap_or(1.0);
     let d_rot = (head_dim as f64 * partial) as i64;
@@ -250,13 +245,11 @@ pub fn resolve_rope(
     let dict_original = get_f64(p, "original_max_position_embeddings")?.map(|x| x as i64);
     let original = top_original.or(dict_original).unwrap_or(max_position_embeddings);
     let factor = get_f64(p, "factor")?;
-    let need_factor = |name: &str| {
-        factor.ok_or_else(|| anyhow::anyhow!("rope type {name:?} needs a \"factor\""))
-    };
+    let need_factor = |name: &str| factor.ok_or_else(|| anyhow::anyhow!("rope type {name:?} needs a \"factor\""));
     let scaling = match rope_type {
         "default" => RopeScaling::Default,
         "linear" => RopeScaling::Linear { factor: need_factor("linear")? },
-        // Dynamic NTK reads max_position_embeddings as the original length (rope-extension.md §6 #8).
+        // Dynamic NTK reads max_position_embeddings as the original length (docs/numerics.md §6 #8).
         "dynamic" => RopeScaling::Dynamic { factor: need_factor("dynamic")?, original: max_position_embeddings },
         "yarn" => RopeScaling::Yarn {
             factor: factor.unwrap_or(max_position_embeddings as f64 / original as f64),

@@ -86,7 +86,13 @@ pub fn exported_config(config: &ModelConfig, dtype_name: &str, rope: Option<&Ext
 }
 
 /// Export the variables of `vs` (HF names) with `config` into the new folder `out`.
-pub fn export_hf(vs: &nn::VarStore, config: &ModelConfig, source_dir: Option<&Path>, out: &Path, opts: &ExportOptions) -> Result<()> {
+pub fn export_hf(
+    vs: &nn::VarStore,
+    config: &ModelConfig,
+    source_dir: Option<&Path>,
+    out: &Path,
+    opts: &ExportOptions,
+) -> Result<()> {
     if out.exists() {
         bail!("{} already exists: choose another --out or remove it first", out.display());
     }
@@ -99,7 +105,8 @@ pub fn export_hf(vs: &nn::VarStore, config: &ModelConfig, source_dir: Option<&Pa
     std::fs::create_dir_all(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
 
     // Plan shards in name order, then write them.
-    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().filter(|(k, _)| !(config.tie_word_embeddings && k == "lm_head.weight")).collect();
+    let vars: BTreeMap<String, Tensor> =
+        vs.variables().into_iter().filter(|(k, _)| !(config.tie_word_embeddings && k == "lm_head.weight")).collect();
     let elt = opts.dtype.elt_size_in_bytes() as u64;
     let mut shards: Vec<Vec<&String>> = vec![vec![]];
     let mut used = 0u64;

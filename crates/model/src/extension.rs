@@ -44,7 +44,7 @@ pub fn yarn_attention_factor(s: f64) -> f64 {
 
 /// LongRoPE2's theoretical critical dimension (0-based pair index):
 /// `ceil((d/2) · log_b(L0 / 2π)) - 1`, clamped to a valid pair (34 for LLaMA-3-8B at 8k, 33 for
-/// Phi-3 at 4k; docs/numerics.md §3).
+/// Phi-3 at 4k; docs/numerics.md §3.4).
 pub fn critical_dim(theta: f64, d_rot: i64, original: i64) -> i64 {
     let pairs = (d_rot / 2) as f64;
     let cd = (pairs * ((original as f64) / (2.0 * PI)).ln() / theta.ln()).ceil() as i64 - 1;
@@ -222,7 +222,9 @@ impl<'de> Deserialize<'de> for AttentionFactor {
                 match v.parse::<f64>() {
                     // A number must be a TOML number, not a string.
                     Ok(_) => Err(E::custom(format!("{v:?} is not allowed; use {ATTENTION_SPELLINGS}"))),
-                    Err(_) => v.parse().map_err(|_| E::custom(format!("{v:?} is not allowed; use {ATTENTION_SPELLINGS}"))),
+                    Err(_) => {
+                        v.parse().map_err(|_| E::custom(format!("{v:?} is not allowed; use {ATTENTION_SPELLINGS}")))
+                    }
                 }
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> std::result::Result<AttentionFactor, E> {
@@ -341,7 +343,14 @@ impl Extension {
         // transformers derives the longrope factor itself from the exported config; any other
         // value is written into the export.
         let explicit_attention_factor = attention_factor != longrope_attention_factor(s, l0);
-        let ext = Extension { target_length: l, original_length: l0, short_factor, long_factor, attention_factor, explicit_attention_factor };
+        let ext = Extension {
+            target_length: l,
+            original_length: l0,
+            short_factor,
+            long_factor,
+            attention_factor,
+            explicit_attention_factor,
+        };
         ext.check(rope)?;
         Ok(ext)
     }
@@ -350,7 +359,11 @@ impl Extension {
     pub fn check(&self, rope: &RopeConfig) -> Result<()> {
         let n = rope.n_pairs() as usize;
         if self.target_length <= self.original_length {
-            bail!("the extended window L = {} must exceed the original one L0 = {}", self.target_length, self.original_length);
+            bail!(
+                "the extended window L = {} must exceed the original one L0 = {}",
+                self.target_length,
+                self.original_length
+            );
         }
         for (name, list) in [("long", &self.long_factor), ("short", &self.short_factor)] {
             if list.len() != n {
@@ -422,7 +435,7 @@ mod tests {
 
     #[test]
     fn critical_dims_of_published_models() {
-        // docs/numerics.md §3 worked values.
+        // docs/numerics.md §3.4 worked values.
         assert_eq!(critical_dim(5e5, 128, 8192), 34); // LLaMA-3-8B, 8k
         assert_eq!(critical_dim(1e4, 96, 4096), 33); // Phi-3, 4k
         assert_eq!(critical_dim(1e4, 96, 2048), 30); // Phi-3, 2k

@@ -2,7 +2,7 @@
 //! `eval --factors` and `needle-ppl` read them.
 //!
 //! A factor λ_i divides pair i's frequency: `inv_freq_i = 1 / (λ_i · b^(2i/d_rot))`
-//! (docs/numerics.md §2). The closed forms are [`crate::extension::FactorSet`].
+//! (docs/numerics.md §3.1). The closed forms are [`crate::extension::FactorSet`].
 
 use std::path::Path;
 
@@ -27,7 +27,8 @@ pub struct FactorsFile {
 
 impl FactorsFile {
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read factors file {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read factors file {}", path.display()))?;
         let f: FactorsFile = serde_json::from_str(&text).with_context(|| {
             format!("{} is not a factors file (expected {{\"long_factor\": [...], \"target_length\": L, \"original_length\": L0}})", path.display())
         })?;

@@ -6,7 +6,7 @@
 //! masked. Each prompt is prefilled on its own (positions 0..n-1, the model's own attention
 //! path, no padding inside), so rows never see each other's padding.
 //!
-//! **Windows (rope-extension.md §3.2, pitfalls #2 and #3).** A row's RoPE table is picked from
+//! **Windows (docs/numerics.md §3.2, pitfalls §6 #2 and #3).** A row's RoPE table is picked from
 //! its *current length* (max position + 1), never from the cache size (which includes the
 //! left padding). Keys in the cache were rotated with the table in force when they were
 //! computed; when a row's table changes (a longrope row first exceeding `L0`, as transformers'
@@ -150,7 +150,16 @@ impl<'a> Decoder<'a> {
                     None => plan.attend(&q_near, &k, &v),
                     Some(s) => {
                         let q_far = far.as_ref().map(|(fc, fs)| apply_rotary(&q, fc, fs));
-                        split_attention(&q_near, q_far.as_ref(), &k, &v, Some(s.shifted_offset), c.sliding_window, None, None)
+                        split_attention(
+                            &q_near,
+                            q_far.as_ref(),
+                            &k,
+                            &v,
+                            Some(s.shifted_offset),
+                            c.sliding_window,
+                            None,
+                            None,
+                        )
                     }
                 }
             });
@@ -343,7 +352,8 @@ pub fn generate(model: &CausalLm, prompts: &[Vec<i64>], opts: &GenerateOptions) 
         Sampling::Sample { seed, .. } => seed,
         Sampling::Greedy => 0,
     };
-    let mut rngs: Vec<SplitMix64> = (0..b).map(|r| SplitMix64::new(seed ^ (r as u64).wrapping_mul(0xA24B_AED4_963E_E407))).collect();
+    let mut rngs: Vec<SplitMix64> =
+        (0..b).map(|r| SplitMix64::new(seed ^ (r as u64).wrapping_mul(0xA24B_AED4_963E_E407))).collect();
     let mut out = Generation { tokens: vec![Vec::new(); b], stopped: vec![false; b], reprefills: vec![0; b] };
     if opts.max_new_tokens == 0 {
         return Ok(out);

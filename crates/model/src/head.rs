@@ -66,7 +66,13 @@ impl CausalLm {
         let chunk = chunk.unwrap_or(HEAD_CHUNK).clamp(1, tokens);
         // Per-token NLL of one piece of scored hidden states (float32 logits).
         let piece_nll = |h: &Tensor, t: &Tensor| {
-            h.matmul(&w.tr()).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(t, None, Reduction::None, IGNORE_INDEX, 0.0)
+            h.matmul(&w.tr()).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
+                t,
+                None,
+                Reduction::None,
+                IGNORE_INDEX,
+                0.0,
+            )
         };
         let pieces = |h: &Tensor, each: &mut dyn FnMut(&Tensor, Tensor) -> Tensor| -> Tensor {
             let parts: Vec<Tensor> = (0..tokens)
@@ -100,7 +106,8 @@ impl CausalLm {
                 }
             }
         };
-        let row_nll = Tensor::zeros([b], (Kind::Double, hidden.device())).index_add(0, &row_of, &nll.to_kind(Kind::Double));
+        let row_nll =
+            Tensor::zeros([b], (Kind::Double, hidden.device())).index_add(0, &row_of, &nll.to_kind(Kind::Double));
         HeadLoss { row_nll: Vec::<f64>::try_from(row_nll.to_device(Device::Cpu)).unwrap(), row_tokens }
     }
 
@@ -116,7 +123,8 @@ impl CausalLm {
 
 /// [`longmix_core::next_token_targets`] of every row of `input_ids` / `position_ids` `[B, T]`.
 pub fn batch_targets(input_ids: &Tensor, position_ids: &Tensor) -> Tensor {
-    let rows = |t: &Tensor| -> Vec<Vec<i64>> { Vec::<Vec<i64>>::try_from(t.to_device(Device::Cpu)).expect("int64 [B, T]") };
+    let rows =
+        |t: &Tensor| -> Vec<Vec<i64>> { Vec::<Vec<i64>>::try_from(t.to_device(Device::Cpu)).expect("int64 [B, T]") };
     let targets: Vec<Tensor> = rows(input_ids)
         .iter()
         .zip(rows(position_ids).iter())

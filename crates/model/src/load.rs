@@ -24,7 +24,10 @@ pub struct LoadedModel {
 /// Load `dir` (config + weights) with parameters of dtype `kind` on `device`.
 pub fn load_model(dir: &Path, kind: Kind, device: Device) -> Result<LoadedModel> {
     if !dir.is_dir() {
-        bail!("model folder {} does not exist: pass a Hugging Face model folder (config.json + *.safetensors)", dir.display());
+        bail!(
+            "model folder {} does not exist: pass a Hugging Face model folder (config.json + *.safetensors)",
+            dir.display()
+        );
     }
     let config = ModelConfig::from_dir(dir)?;
     let mut vs = nn::VarStore::new(device);
@@ -87,7 +90,10 @@ pub fn load_weights(vs: &nn::VarStore, dir: &Path) -> Result<()> {
         // run truncates the file meanwhile.
         let mmap = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("cannot map {}", file.display()))?;
         let st = SafeTensors::deserialize(&mmap).map_err(|e| {
-            anyhow::anyhow!("{} is not a valid safetensors file ({e}): the file is corrupt or truncated; re-export or re-copy it", file.display())
+            anyhow::anyhow!(
+                "{} is not a valid safetensors file ({e}): the file is corrupt or truncated; re-export or re-copy it",
+                file.display()
+            )
         })?;
         for (name, view) in st.tensors() {
             let Some(var) = vars.get(&name) else {
@@ -106,7 +112,11 @@ pub fn load_weights(vs: &nn::VarStore, dir: &Path) -> Result<()> {
                 );
             }
             let kind = kind_of(view.dtype()).ok_or_else(|| {
-                anyhow::anyhow!("tensor {name} in {} has dtype {:?}; supported are F32, F16, BF16, F64", file.display(), view.dtype())
+                anyhow::anyhow!(
+                    "tensor {name} in {} has dtype {:?}; supported are F32, F16, BF16, F64",
+                    file.display(),
+                    view.dtype()
+                )
             })?;
             let src = Tensor::f_from_data_size(view.data(), &shape, kind)
                 .with_context(|| format!("cannot read tensor {name} from {}", file.display()))?;

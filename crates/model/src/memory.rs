@@ -50,9 +50,8 @@ impl CausalLm {
         // None: the whole micro-batch's scored positions in one piece.
         let chunk = Some(opts.loss_chunk.unwrap_or(i64::MAX));
         let head = |hidden: &Tensor| self.head_nll(hidden, targets, chunk, Some(scale));
-        let run_layers = |x: Tensor| {
-            self.layers.iter().fold(x, |x, layer| layer.forward(&x, &pos.cos, &pos.sin, &pos.plan))
-        };
+        let run_layers =
+            |x: Tensor| self.layers.iter().fold(x, |x, layer| layer.forward(&x, &pos.cos, &pos.sin, &pos.plan));
         let embedded = self.embed(input_ids);
         if !opts.checkpoint_layers {
             let hidden = self.norm.forward(&run_layers(embedded));

@@ -1,4 +1,4 @@
-//! Rotary position embeddings with every scaling of `docs/rope-extension.md` §1-3.
+//! Rotary position embeddings with every scaling of `docs/numerics.md` §1-3.
 //!
 //! The inverse frequencies are computed with the same tensor operations, in the same order and
 //! in float32, as transformers' `modeling_rope_utils.py`, so the tables agree to the last bit
@@ -19,9 +19,14 @@ use tch::{Device, Kind, Tensor};
 pub enum RopeScaling {
     Default,
     /// Position interpolation: every frequency divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Dynamic NTK: the base grows with the row length beyond `original`.
-    Dynamic { factor: f64, original: i64 },
+    Dynamic {
+        factor: f64,
+        original: i64,
+    },
     Yarn {
         factor: f64,
         attention_factor: Option<f64>,
@@ -31,9 +36,17 @@ pub enum RopeScaling {
         mscale_all_dim: Option<f64>,
         truncate: bool,
     },
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64 },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+    },
     /// LongRoPE: per-pair rescale factors for short rows (`len <= original`) and long rows.
-    LongRope { short_factor: Vec<f64>, long_factor: Vec<f64>, attention_factor: f64 },
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        attention_factor: f64,
+    },
 }
 
 pub use longmix_core::Window;
@@ -48,7 +61,6 @@ pub struct RopeConfig {
     pub original_max_position_embeddings: i64,
     pub scaling: RopeScaling,
 }
-
 
 /// `base ** (arange(0, d_rot, 2) / d_rot)` in float32, as transformers writes it.
 fn pos_freqs(base: &Tensor, d_rot: i64, device: Device) -> Tensor {
@@ -135,7 +147,8 @@ impl RopeConfig {
                 let pf = pos_freqs(&base, self.d_rot, device);
                 let extrapolation = pf.reciprocal();
                 let interpolation = (&pf * *factor).reciprocal();
-                let ramp = ((Tensor::arange(self.n_pairs(), (Kind::Float, device)) - low) / (high - low)).clamp(0.0, 1.0);
+                let ramp =
+                    ((Tensor::arange(self.n_pairs(), (Kind::Float, device)) - low) / (high - low)).clamp(0.0, 1.0);
                 let extrap_weight = 1.0 - ramp;
                 interpolation * (1.0 - &extrap_weight) + extrapolation * extrap_weight
             }
@@ -173,8 +186,8 @@ impl RopeConfig {
             .map(|&len| tables.entry(self.table_key(len)).or_insert_with(|| self.inv_freq(len, device)).shallow_clone())
             .collect();
         let inv_freq = Tensor::stack(&rows, 0); // [B, d_rot/2]
-        // transformers: (inv_freq[:, :, None] @ pos[:, None, :]).transpose(1, 2), a one-term
-        // product per entry, so an elementwise product is the same number.
+                                                // transformers: (inv_freq[:, :, None] @ pos[:, None, :]).transpose(1, 2), a one-term
+                                                // product per entry, so an elementwise product is the same number.
         let freqs = position_ids.to_kind(Kind::Float).unsqueeze(-1) * inv_freq.unsqueeze(1);
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
         let scale = self.attention_factor();
@@ -204,10 +217,7 @@ pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let xf = x.to_kind(Kind::Float);
     let rot = xf.narrow(-1, 0, d_rot);
     let rotated = &rot * &cos + rotate_half(&rot) * &sin;
-    let out = if d_rot == head_dim {
-        rotated
-    } else {
-        Tensor::cat(&[rotated, xf.narrow(-1, d_rot, head_dim - d_rot)], -1)
-    };
+    let out =
+        if d_rot == head_dim { rotated } else { Tensor::cat(&[rotated, xf.narrow(-1, d_rot, head_dim - d_rot)], -1) };
     out.to_kind(kind)
 }

@@ -1,5 +1,5 @@
 //! STRING (HKUNLP/STRING, arXiv 2410.18745): shifted relative positions at inference time,
-//! training-free (`docs/rope-extension.md` §4).
+//! training-free (`docs/numerics.md` §4).
 //!
 //! With `S` = [`StringConfig::shifted_offset`] and `W` = [`StringConfig::local_window`], query
 //! `i` sees key `j <= i` at the relative position
@@ -55,7 +55,11 @@ impl StringConfig {
     /// `W = 128` (capped below S), the reference temperature.
     pub fn for_model(config: &ModelConfig) -> Self {
         let s = ((0.33 * config.max_position_embeddings as f64) as i64).max(1);
-        StringConfig { shifted_offset: s, local_window: 128.min(s - 1).max(0), attention_factor: default_attention_factor() }
+        StringConfig {
+            shifted_offset: s,
+            local_window: 128.min(s - 1).max(0),
+            attention_factor: default_attention_factor(),
+        }
     }
 
     /// `S`, `W` with the reference temperature.
@@ -254,11 +258,20 @@ impl Tables {
         let pos = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(0).expand([b, t], false);
         let lens = vec![t; b as usize];
         let near = rotary_tables(rope, &pos, &lens, cfg.attention_factor);
-        let far = (t > cfg.shifted_offset).then(|| rotary_tables(rope, &(&pos - cfg.shift()), &lens, cfg.attention_factor));
+        let far =
+            (t > cfg.shifted_offset).then(|| rotary_tables(rope, &(&pos - cfg.shift()), &lens, cfg.attention_factor));
         Tables { near, far }
     }
 
-    fn attend(&self, cfg: &StringConfig, q: &Tensor, k: &Tensor, v: &Tensor, sw: Option<i64>, chunk: Option<i64>) -> Tensor {
+    fn attend(
+        &self,
+        cfg: &StringConfig,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        sw: Option<i64>,
+        chunk: Option<i64>,
+    ) -> Tensor {
         let k = apply_rotary(k, &self.near.0, &self.near.1);
         let q_near = apply_rotary(q, &self.near.0, &self.near.1);
         let q_far = self.far.as_ref().map(|(c, s)| apply_rotary(q, c, s));

@@ -55,7 +55,8 @@ struct Attention {
 
 impl Attention {
     fn new(p: nn::Path, c: &ModelConfig) -> Self {
-        let (h, q_dim, kv_dim) = (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        let (h, q_dim, kv_dim) =
+            (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
         let qkv = match c.arch {
             Architecture::Llama => QkvProj::Split {
                 q: linear(&p / "q_proj", h, q_dim, c.attention_bias),
@@ -193,8 +194,11 @@ impl CausalLm {
     pub fn new(root: &nn::Path, config: ModelConfig) -> Self {
         let c = &config;
         let m = root / "model";
-        let embed_tokens =
-            (&m / "embed_tokens").var("weight", &[c.vocab_size, c.hidden_size], nn::Init::Randn { mean: 0.0, stdev: 0.02 });
+        let embed_tokens = (&m / "embed_tokens").var(
+            "weight",
+            &[c.vocab_size, c.hidden_size],
+            nn::Init::Randn { mean: 0.0, stdev: 0.02 },
+        );
         let layers = (0..c.num_hidden_layers).map(|i| DecoderLayer::new(&m / "layers" / i, c)).collect();
         let norm = RmsNorm::new(&m / "norm", c.hidden_size, c.rms_norm_eps);
         let lm_head = (!c.tie_word_embeddings).then(|| linear(root / "lm_head", c.hidden_size, c.vocab_size, false));

@@ -104,7 +104,9 @@ fn factor_list_of_wrong_length_names_d_rot_half() {
 
 #[test]
 fn legacy_and_v5_spellings_resolve_alike() {
-    let legacy = config_with_rope(serde_json::json!({"type": "longrope", "short_factor": vec![1.0; 6], "long_factor": vec![4.0; 6]}));
+    let legacy = config_with_rope(
+        serde_json::json!({"type": "longrope", "short_factor": vec![1.0; 6], "long_factor": vec![4.0; 6]}),
+    );
     let mut v: serde_json::Value = serde_json::from_str(&legacy).unwrap();
     let obj = v.as_object_mut().unwrap();
     obj.remove("rope_scaling");

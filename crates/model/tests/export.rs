@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use longmix_model::{export_hf, load_model, longrope_attention_factor, Extension, ExportOptions, RopeScaling};
+use longmix_model::{export_hf, load_model, longrope_attention_factor, ExportOptions, Extension, RopeScaling};
 use tch::{Device, Kind, Tensor};
 
 fn fixture(case: &str) -> PathBuf {

@@ -5,7 +5,9 @@
 use std::path::PathBuf;
 
 use longmix_model::generate::{choose, full_logits, SplitMix64};
-use longmix_model::{generate, load_model, DecodeOptions, Decoder, GenerateOptions, LoadedModel, Sampling, StringConfig};
+use longmix_model::{
+    generate, load_model, DecodeOptions, Decoder, GenerateOptions, LoadedModel, Sampling, StringConfig,
+};
 use tch::{Device, Kind, Tensor};
 
 const TOLERANCE: f64 = 1e-4;
@@ -28,7 +30,12 @@ fn max_err(a: &Tensor, b: &Tensor) -> f64 {
 /// Teacher-force `cont[r]` after `prompts[r]`; return, per step (the prefill is step 0) and
 /// row, the error of the cached logits against a full recomputation, and the decoder's
 /// re-prefill counts.
-fn errors(lm: &LoadedModel, prompts: &[Vec<i64>], cont: &[Vec<i64>], opts: DecodeOptions) -> (Vec<Vec<f64>>, Vec<usize>) {
+fn errors(
+    lm: &LoadedModel,
+    prompts: &[Vec<i64>],
+    cont: &[Vec<i64>],
+    opts: DecodeOptions,
+) -> (Vec<Vec<f64>>, Vec<usize>) {
     let string = opts.string;
     let (mut dec, mut logits) = Decoder::new(&lm.model, prompts, opts).unwrap();
     let mut seqs = prompts.to_vec();

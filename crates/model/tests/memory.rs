@@ -21,7 +21,11 @@ fn mixed_batch(vocab: i64) -> (Tensor, Tensor, Tensor) {
     (ids, pos, targets)
 }
 
-fn grads(m: &LoadedModel, opts: MemoryOptions, batch: &(Tensor, Tensor, Tensor)) -> (f64, i64, BTreeMap<String, Tensor>) {
+fn grads(
+    m: &LoadedModel,
+    opts: MemoryOptions,
+    batch: &(Tensor, Tensor, Tensor),
+) -> (f64, i64, BTreeMap<String, Tensor>) {
     for v in m.vs.trainable_variables() {
         let mut g = v.grad();
         if g.defined() {
@@ -93,7 +97,8 @@ fn nll_over_several_head_chunks_equals_full_logits() {
     });
     let flat = targets.view([-1]);
     let keep = flat.ne(-100);
-    let want = -full.gather(1, &flat.clamp_min(0).unsqueeze(1), false).squeeze_dim(1).masked_select(&keep).sum(Kind::Double);
+    let want =
+        -full.gather(1, &flat.clamp_min(0).unsqueeze(1), false).squeeze_dim(1).masked_select(&keep).sum(Kind::Double);
     let (got, want) = (nll.sum(), want.double_value(&[]));
     assert!((got - want).abs() < 1e-5 * want.abs(), "chunked {got} vs full {want}");
 }

@@ -41,7 +41,9 @@ fn errors(case: &Case) -> Vec<(String, f64)> {
     case.probes
         .iter()
         .map(|p| {
-            let get = |k: &str| expected.get(&format!("{}.{k}", p.name)).unwrap_or_else(|| panic!("{}: {}.{k}", case.case, p.name));
+            let get = |k: &str| {
+                expected.get(&format!("{}.{k}", p.name)).unwrap_or_else(|| panic!("{}: {}.{k}", case.case, p.name))
+            };
             let logits = tch::no_grad(|| lm.model.forward(get("input_ids"), get("position_ids")));
             assert_eq!(logits.size(), get("logits").size(), "{}/{}", case.case, p.name);
             let err = (logits - get("logits")).abs().max().double_value(&[]);

@@ -1,7 +1,7 @@
-//! RoPE tables against published values (rope-extension.md) and the per-row window rule.
+//! RoPE tables against published values (docs/numerics.md) and the per-row window rule.
 
-use longmix_model::rope::{RopeConfig, RopeScaling, Window};
 use longmix_model::longrope_attention_factor;
+use longmix_model::rope::{RopeConfig, RopeScaling, Window};
 use tch::{Device, Kind, Tensor};
 
 fn rope(theta: f64, d: i64, original: i64, scaling: RopeScaling) -> RopeConfig {
@@ -29,9 +29,20 @@ fn llama31_keeps_29_divides_29_blends_6() {
 #[test]
 fn yarn_attention_factor() {
     let yarn = |mscale, mscale_all_dim, attention_factor| {
-        rope(1e4, 64, 4096, RopeScaling::Yarn {
-            factor: 16.0, attention_factor, beta_fast: 32.0, beta_slow: 1.0, mscale, mscale_all_dim, truncate: true,
-        })
+        rope(
+            1e4,
+            64,
+            4096,
+            RopeScaling::Yarn {
+                factor: 16.0,
+                attention_factor,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                mscale,
+                mscale_all_dim,
+                truncate: true,
+            },
+        )
         .attention_factor()
     };
     assert!((yarn(None, None, None) - (0.1 * 16f64.ln() + 1.0)).abs() < 1e-12);

@@ -21,8 +21,15 @@ fn to_vec(t: &Tensor) -> Vec<f64> {
 /// both carry `scale`), then softmax over the visible keys.
 #[allow(clippy::too_many_arguments)]
 fn direct(
-    q: &[f64], k: &[f64], v: &[f64], (b, h, hkv, t, d): (usize, usize, usize, usize, usize),
-    inv_freq: &[f64], d_rot: usize, scale: f64, cfg: &StringConfig, window: Option<usize>,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    (b, h, hkv, t, d): (usize, usize, usize, usize, usize),
+    inv_freq: &[f64],
+    d_rot: usize,
+    scale: f64,
+    cfg: &StringConfig,
+    window: Option<usize>,
 ) -> Vec<f64> {
     let half = d_rot / 2;
     let g = h / hkv;
@@ -81,7 +88,7 @@ fn string_attention_equals_the_definition() {
         // (d_rot, S, W, extra attention factor, sliding window)
         (8, 6, 2, 1.0, None),
         (8, 6, 2, 1.0693, None),
-        (6, 5, 0, 1.2, None),  // partial rotary: the last 2 dims pass through unscaled
+        (6, 5, 0, 1.2, None), // partial rotary: the last 2 dims pass through unscaled
         (8, 9, 4, 1.0, Some(13)),
         (8, 1, 0, 1.0, None),  // every earlier key is far
         (8, 30, 3, 1.0, None), // S > T: plain RoPE
@@ -108,7 +115,7 @@ fn relative_positions_follow_the_formula() {
     assert_eq!(row, vec![6, 5, 4, 3, 2, 4, 3, 2, 1, 0]);
     assert_eq!(c.max_relative_position(10), 6);
     assert_eq!(c.max_relative_position(4), 3);
-    // Defaults: S = int(0.33 L), W = 128 (rope-extension.md §4: 131072 -> 43253).
+    // Defaults: S = int(0.33 L), W = 128 (docs/numerics.md §4: 131072 -> 43253).
     let cfg = ModelConfig::from_json_str(
         r#"{"architectures":["LlamaForCausalLM"],"vocab_size":8,"hidden_size":8,"intermediate_size":8,
             "num_hidden_layers":1,"num_attention_heads":1,"max_position_embeddings":131072}"#,
@@ -155,7 +162,16 @@ fn split_attention_masks_left_padding() {
     let v = Tensor::randn([2, h, t, d], (Kind::Float, Device::Cpu));
     let valid = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1]).view([2, t]).gt(0);
     let both = split_attention(&q, None, &k, &v, None, None, Some(&valid), None);
-    let alone = split_attention(&q.narrow(0, 1, 1), None, &k.narrow(0, 1, 1).narrow(2, 3, 6), &v.narrow(0, 1, 1).narrow(2, 3, 6), None, None, None, None);
+    let alone = split_attention(
+        &q.narrow(0, 1, 1),
+        None,
+        &k.narrow(0, 1, 1).narrow(2, 3, 6),
+        &v.narrow(0, 1, 1).narrow(2, 3, 6),
+        None,
+        None,
+        None,
+        None,
+    );
     let err = (both.narrow(0, 1, 1) - alone).abs().max().double_value(&[]);
     assert!(err < 1e-6, "{err}");
 }

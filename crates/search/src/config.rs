@@ -319,7 +319,10 @@ impl SearchConfig {
             bail!("keys `search.mutations` and `search.crossovers` are both 0: nothing new would ever be tried; set either above 0");
         }
         if !(s.mutation_probability > 0.0 && s.mutation_probability <= 1.0) {
-            bail!("key `search.mutation_probability`: {} must be in (0, 1] (LongRoPE uses 0.3)", s.mutation_probability);
+            bail!(
+                "key `search.mutation_probability`: {} must be in (0, 1] (LongRoPE uses 0.3)",
+                s.mutation_probability
+            );
         }
         if units_per_one(s.step).is_none() {
             bail!("key `search.step`: {} must divide 1 (e.g. 0.01, 0.05, 0.1)", s.step);
@@ -375,7 +378,10 @@ impl SearchConfig {
         }
         if let Some(l0) = self.rope.original_length {
             if l0 < 1 || l0 >= self.rope.target_length {
-                bail!("key `rope.original_length`: {l0} must be between 1 and rope.target_length - 1 = {}", self.rope.target_length - 1);
+                bail!(
+                    "key `rope.original_length`: {l0} must be between 1 and rope.target_length - 1 = {}",
+                    self.rope.target_length - 1
+                );
             }
         }
         Ok(())
@@ -416,7 +422,8 @@ state_dir = "st"
 
     #[test]
     fn errors_name_the_key_and_the_fix() {
-        let with = |section: &str, line: &str| MINIMAL.replace(&format!("[{section}]\n"), &format!("[{section}]\n{line}\n"));
+        let with =
+            |section: &str, line: &str| MINIMAL.replace(&format!("[{section}]\n"), &format!("[{section}]\n{line}\n"));
         let search = |line: &str| format!("{MINIMAL}[search]\n{line}\n");
         let cases: Vec<(String, &[&str])> = vec![
             (search("mode = \"longrope3\""), &["search.mode", "longrope3", "longrope2"]),
@@ -432,7 +439,10 @@ state_dir = "st"
             (search("mode = \"longrope\"\ninit = \"ntk-by-parts\""), &["search.init", "ntk-by-parts", "yarn"]),
             (search("start_tokens = 4"), &["search.start_tokens", "not supported", "remove the key"]),
             (search("mutations = 0\ncrossovers = 0"), &["search.mutations", "set either above 0"]),
-            (with("rope", "attention_factor = \"su\""), &["rope.attention_factor", "\"longrope\", \"native\", \"none\""]),
+            (
+                with("rope", "attention_factor = \"su\""),
+                &["rope.attention_factor", "\"longrope\", \"native\", \"none\""],
+            ),
             (with("rope", "original_length = 20000"), &["rope.original_length", "target_length"]),
             (with("needle", "samples = 0"), &["needle.samples", "at least 1"]),
             (with("needle", "add_bos = \"yes\""), &["needle.add_bos", "\"auto\", true or false"]),

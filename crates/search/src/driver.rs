@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use longmix_data::{Corpus, TokenizerInfo};
 use longmix_model::extension::window_lengths;
-use longmix_model::{critical_dim, load_model, Extension, ExtensionSpec, FactorSet, FactorsFile, LoadedModel, LongFactors};
+use longmix_model::{
+    critical_dim, load_model, Extension, ExtensionSpec, FactorSet, FactorsFile, LoadedModel, LongFactors,
+};
 use serde_json::json;
 use tch::{Device, Kind};
 
@@ -27,7 +29,12 @@ pub struct NeedleData<'a> {
 }
 
 /// Build the needle samples of length `length` for the model in `model_dir`.
-pub fn needle_samples(model_dir: &Path, bos_token_id: Option<i64>, length: usize, data: &NeedleData) -> Result<Vec<NeedleSample>> {
+pub fn needle_samples(
+    model_dir: &Path,
+    bos_token_id: Option<i64>,
+    length: usize,
+    data: &NeedleData,
+) -> Result<Vec<NeedleSample>> {
     let tok_path = model_dir.join("tokenizer.json");
     let tok = TokenizerInfo::load(&tok_path)?;
     let bos = match data.add_bos {
@@ -39,8 +46,8 @@ pub fn needle_samples(model_dir: &Path, bos_token_id: Option<i64>, length: usize
         },
     };
     let corpus = Corpus::open(data.sources, &tok, data.cache_dir)?;
-    let prefix = bos.is_some() as usize
-        + tok.tokenizer.encode(T1, false).map_err(|e| anyhow::anyhow!("{e}"))?.get_ids().len();
+    let prefix =
+        bos.is_some() as usize + tok.tokenizer.encode(T1, false).map_err(|e| anyhow::anyhow!("{e}"))?.get_ids().len();
     let docs = pick_documents(&corpus, length.saturating_sub(prefix), length, data.documents, data.seed)?;
     let opts = NeedleOptions { length, samples: data.samples, documents: data.documents, seed: data.seed, bos };
     build_samples(&tok.tokenizer, &docs, &opts)
@@ -73,7 +80,13 @@ pub struct SearchOutcome {
 }
 
 /// Run `cfg` on `device` in `kind`; `restart` discards the state folder first.
-pub fn run_search(cfg: &SearchConfig, device: Device, kind: Kind, opts: &RunOptions, restart: bool) -> Result<SearchOutcome> {
+pub fn run_search(
+    cfg: &SearchConfig,
+    device: Device,
+    kind: Kind,
+    opts: &RunOptions,
+    restart: bool,
+) -> Result<SearchOutcome> {
     if let Some(t) = cfg.model.threads {
         tch::set_num_threads(t);
     }
@@ -112,7 +125,10 @@ pub fn run_search(cfg: &SearchConfig, device: Device, kind: Kind, opts: &RunOpti
         Mode::LongRope => {
             let ls = sc.length_scale.unwrap_or(1.0 + s);
             if ls < s {
-                bail!("key `search.length_scale`: {ls} must be at least s = L/L0 = {s} (LongRoPE v1 uses 1 + s = {})", 1.0 + s);
+                bail!(
+                    "key `search.length_scale`: {ls} must be at least s = L/L0 = {s} (LongRoPE v1 uses 1 + s = {})",
+                    1.0 + s
+                );
             }
             let space = Space::longrope(n, ls, upo);
             let start = space.from_factors(&sc.init.unwrap_or(FactorSet::Yarn).factors(base.theta, base.d_rot, l0, l));

@@ -1,6 +1,6 @@
 //! The evolutionary search loop, its fitness cache and its checkpoints.
 //!
-//! One iteration (rope-extension.md §3.3; `genetic_base.py::run_genetic_algorithm`):
+//! One iteration (docs/numerics.md §3.3; `genetic_base.py::run_genetic_algorithm`):
 //! keep the `parents` best of the population (lowest fitness first, ties by age), then add
 //! `mutations` mutants of random parents and `crossovers` crossovers of two distinct random
 //! parents (a failed crossover becomes a mutant of its first parent), evaluate the newcomers.
@@ -261,7 +261,11 @@ impl Search {
             bail!("mutation probability {} must be in (0, 1]", p.mutation_probability);
         }
         if self.space.n_genes() == 0 {
-            bail!("nothing to search: the first searched pair {} is not below the pair count {}", self.space.first, self.space.n_pairs);
+            bail!(
+                "nothing to search: the first searched pair {} is not below the pair count {}",
+                self.space.first,
+                self.space.n_pairs
+            );
         }
         if let InitPopulation::From(g) = &self.init {
             self.space.check(g).map_err(|v| anyhow::anyhow!("the initial individual breaks the search space: {v}"))?;
@@ -276,8 +280,9 @@ impl Search {
             return Ok(None);
         }
         let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let state: SearchState = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a search state; delete it (or the folder) to start afresh", path.display()))?;
+        let state: SearchState = serde_json::from_str(&text).with_context(|| {
+            format!("{} is not a search state; delete it (or the folder) to start afresh", path.display())
+        })?;
         let want = self.fingerprint_text();
         if state.fingerprint != want {
             let old: Value = serde_json::from_str(&state.fingerprint).unwrap_or(Value::Null);
@@ -315,7 +320,11 @@ impl Search {
     fn read_cache_log(&self) -> Vec<Member> {
         let Some(dir) = &self.state_dir else { return Vec::new() };
         let Ok(f) = File::open(dir.join(CACHE_LOG)) else { return Vec::new() };
-        BufReader::new(f).lines().map_while(|l| l.ok()).filter_map(|l| serde_json::from_str::<Member>(&l).ok()).collect()
+        BufReader::new(f)
+            .lines()
+            .map_while(|l| l.ok())
+            .filter_map(|l| serde_json::from_str::<Member>(&l).ok())
+            .collect()
     }
 
     /// Keep only the iteration log lines a checkpoint covers.
@@ -325,7 +334,12 @@ impl Search {
         let Ok(text) = fs::read_to_string(&path) else { return Ok(()) };
         let kept: String = text
             .lines()
-            .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["iteration"].as_u64()).is_some_and(|i| i as usize <= upto))
+            .filter(|l| {
+                serde_json::from_str::<Value>(l)
+                    .ok()
+                    .and_then(|v| v["iteration"].as_u64())
+                    .is_some_and(|i| i as usize <= upto)
+            })
             .map(|l| format!("{l}\n"))
             .collect();
         write_atomic(&path, kept.as_bytes())
@@ -346,14 +360,7 @@ impl Search {
         if let Some(dir) = &self.state_dir {
             fs::create_dir_all(dir).with_context(|| format!("cannot create state_dir {}", dir.display()))?;
         }
-        let mut eval = Evaluator {
-            space: &self.space,
-            cache: HashMap::new(),
-            fitness,
-            log: None,
-            hits: 0,
-            misses: 0,
-        };
+        let mut eval = Evaluator { space: &self.space, cache: HashMap::new(), fitness, log: None, hits: 0, misses: 0 };
         let bar = if opts.progress {
             ProgressBar::new(p.iterations as u64).with_style(
                 ProgressStyle::with_template("search {bar:30} {pos}/{len} iterations  {msg}  eta {eta}").unwrap(),
@@ -372,7 +379,11 @@ impl Search {
                     eval.cache.entry(m.genes).or_insert(m.fitness);
                 }
                 self.trim_iter_log(state.iteration)?;
-                tracing::info!("resuming the search after iteration {} ({} cached fitness values)", state.iteration, eval.cache.len());
+                tracing::info!(
+                    "resuming the search after iteration {} ({} cached fitness values)",
+                    state.iteration,
+                    eval.cache.len()
+                );
                 state
             }
             None => {
@@ -415,7 +426,10 @@ impl Search {
                             history.push(g.clone());
                             first.push(g);
                         }
-                        None => tracing::warn!("no new mutant after {} tries; the first population is smaller", p.max_mutation_tries),
+                        None => tracing::warn!(
+                            "no new mutant after {} tries; the first population is smaller",
+                            p.max_mutation_tries
+                        ),
                     }
                 }
                 let mut population = Vec::with_capacity(first.len());
@@ -472,7 +486,13 @@ impl Search {
             let mut history = state.history.clone();
             for _ in 0..p.mutations {
                 let idx = rng.below(parents.len() as u64) as usize;
-                match self.space.mutate(&parents[idx].genes, p.mutation_probability, &mut rng, &seen, p.max_mutation_tries) {
+                match self.space.mutate(
+                    &parents[idx].genes,
+                    p.mutation_probability,
+                    &mut rng,
+                    &seen,
+                    p.max_mutation_tries,
+                ) {
                     Some(g) => make(g, &mut seen, &mut history),
                     None => tracing::warn!("no new mutant after {} tries", p.max_mutation_tries),
                 }
@@ -486,8 +506,23 @@ impl Search {
                 let (a, b) = (a.min(b), a.max(b));
                 let child = self
                     .space
-                    .crossover(&parents[a].genes, &parents[b].genes, p.mutation_probability, &mut rng, &seen, p.max_crossover_tries)
-                    .or_else(|| self.space.mutate(&parents[a].genes, p.mutation_probability, &mut rng, &seen, p.max_mutation_tries));
+                    .crossover(
+                        &parents[a].genes,
+                        &parents[b].genes,
+                        p.mutation_probability,
+                        &mut rng,
+                        &seen,
+                        p.max_crossover_tries,
+                    )
+                    .or_else(|| {
+                        self.space.mutate(
+                            &parents[a].genes,
+                            p.mutation_probability,
+                            &mut rng,
+                            &seen,
+                            p.max_mutation_tries,
+                        )
+                    });
                 match child {
                     Some(g) => make(g, &mut seen, &mut history),
                     None => tracing::warn!("no new crossover or mutant"),
@@ -592,9 +627,9 @@ fn diff_keys(a: &Value, b: &Value) -> Vec<String> {
     let mut out = Vec::new();
     for k in keys {
         match (ma.get(k), mb.get(k)) {
-            (Some(Value::Object(x)), Some(Value::Object(y))) if x != y => {
-                out.extend(diff_keys(&Value::Object(x.clone()), &Value::Object(y.clone())).into_iter().map(|s| format!("{k}.{s}")))
-            }
+            (Some(Value::Object(x)), Some(Value::Object(y))) if x != y => out.extend(
+                diff_keys(&Value::Object(x.clone()), &Value::Object(y.clone())).into_iter().map(|s| format!("{k}.{s}")),
+            ),
             (x, y) if x != y => out.push(k.clone()),
             _ => {}
         }

@@ -1,6 +1,6 @@
 //! # longmix-search — finding LongRoPE rescale factors
 //!
-//! * [`needle`]: needle-driven perplexity (rope-extension.md §3.5): samples of exactly L tokens
+//! * [`needle`]: needle-driven perplexity (docs/numerics.md §3.5): samples of exactly L tokens
 //!   with a 7-digit needle at spread depths, loss only on the answer tokens;
 //!   [`needle::needle_ppl`] scores a model as configured.
 //! * [`space`]: the LongRoPE2 (critical dimension, §3.4) and LongRoPE v1 (§3.3) search spaces,

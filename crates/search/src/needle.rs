@@ -1,4 +1,4 @@
-//! Needle-driven perplexity (docs/numerics.md §5): the LongRoPE2 search's fitness.
+//! Needle-driven perplexity (docs/numerics.md §3.5): the LongRoPE2 search's fitness.
 //!
 //! A sample is exactly `L` tokens:
 //!
@@ -107,7 +107,13 @@ pub fn tokenizer_bos(tok: &Tokenizer) -> Result<Option<u32>> {
 
 /// Up to `max_docs` documents with at least `min_len` tokens, picked in a seeded shuffle of the
 /// corpus, each cut to `keep` tokens.
-pub fn pick_documents(corpus: &Corpus, min_len: usize, keep: usize, max_docs: usize, seed: u64) -> Result<Vec<Document>> {
+pub fn pick_documents(
+    corpus: &Corpus,
+    min_len: usize,
+    keep: usize,
+    max_docs: usize,
+    seed: u64,
+) -> Result<Vec<Document>> {
     let mut eligible: Vec<(usize, usize)> = Vec::new();
     let mut longest = 0;
     for s in 0..corpus.n_sources() {

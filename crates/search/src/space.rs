@@ -1,5 +1,5 @@
 //! The search space, its individuals, and the operators that make new ones
-//! (rope-extension.md §3.3, §3.4).
+//! (docs/numerics.md §3.3, §3.4).
 //!
 //! An individual is its **searched** factors as integers on the grid (`value = units · step`),
 //! so constraints and the "already seen" test are exact, and the fitness cache can key on it.
@@ -87,9 +87,15 @@ impl std::fmt::Display for Violation {
             Violation::Length { got, want } => write!(f, "{got} searched factors, expected {want}"),
             Violation::Range { pair, value, lo, hi } => write!(f, "pair {pair}: {value} outside [{lo}, {hi}]"),
             Violation::Order { pair, prev, value, strict } => {
-                write!(f, "pair {pair}: {value} after {prev} is not {}", if *strict { "strictly increasing" } else { "non-decreasing" })
+                write!(
+                    f,
+                    "pair {pair}: {value} after {prev} is not {}",
+                    if *strict { "strictly increasing" } else { "non-decreasing" }
+                )
             }
-            Violation::LastSpan { prev, value, span } => write!(f, "last pair {value} exceeds the previous {prev} + {span}"),
+            Violation::LastSpan { prev, value, span } => {
+                write!(f, "last pair {value} exceeds the previous {prev} + {span}")
+            }
         }
     }
 }
@@ -180,7 +186,11 @@ impl Space {
         if let (Some(span), true) = (self.last_span, g.len() >= 2) {
             let (prev, last) = (g[g.len() - 2], g[g.len() - 1]);
             if last > prev + span {
-                return Err(Violation::LastSpan { prev: self.value(prev), value: self.value(last), span: self.value(span) });
+                return Err(Violation::LastSpan {
+                    prev: self.value(prev),
+                    value: self.value(last),
+                    span: self.value(span),
+                });
             }
         }
         Ok(())
@@ -207,7 +217,14 @@ impl Space {
 
     /// `dim_mono` mutation of `parent` (see the module docs); `None` when `max_tries` passes
     /// found nothing valid and unseen.
-    pub fn mutate(&self, parent: &[i64], p: f64, rng: &mut Rng, seen: &HashSet<Genes>, max_tries: usize) -> Option<Genes> {
+    pub fn mutate(
+        &self,
+        parent: &[i64],
+        p: f64,
+        rng: &mut Rng,
+        seen: &HashSet<Genes>,
+        max_tries: usize,
+    ) -> Option<Genes> {
         let mut g = parent.to_vec();
         for _ in 0..max_tries {
             for k in 0..g.len() {
@@ -227,7 +244,15 @@ impl Space {
 
     /// Crossover of two parents (see the module docs); `None` when the parents are equal or
     /// `max_tries` attempts found nothing valid, new and different from parent 1.
-    pub fn crossover(&self, p1: &[i64], p2: &[i64], p: f64, rng: &mut Rng, seen: &HashSet<Genes>, max_tries: usize) -> Option<Genes> {
+    pub fn crossover(
+        &self,
+        p1: &[i64],
+        p2: &[i64],
+        p: f64,
+        rng: &mut Rng,
+        seen: &HashSet<Genes>,
+        max_tries: usize,
+    ) -> Option<Genes> {
         if p1 == p2 {
             return None;
         }

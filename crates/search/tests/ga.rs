@@ -180,7 +180,8 @@ fn every_longrope_v1_individual_respects_the_space() {
 
 /// Squared distance to a fixed target inside the space, counting calls.
 fn target_fitness<'a>(space: &Space, calls: &'a Cell<usize>) -> impl FnMut(&[f64]) -> Result<f64> + 'a {
-    let target: Vec<f64> = (0..space.n_pairs).map(|i| if i < space.first { 0.0 } else { 2.3 + 0.2 * (i - space.first) as f64 }).collect();
+    let target: Vec<f64> =
+        (0..space.n_pairs).map(|i| if i < space.first { 0.0 } else { 2.3 + 0.2 * (i - space.first) as f64 }).collect();
     let first = space.first;
     move |f: &[f64]| {
         calls.set(calls.get() + 1);
@@ -191,7 +192,15 @@ fn target_fitness<'a>(space: &Space, calls: &'a Cell<usize>) -> impl FnMut(&[f64
 fn small_search(state_dir: Option<&Path>, seed: u64, iterations: usize) -> Search {
     Search {
         space: Space::longrope2(8, 2, 2.0, 4.0, 100),
-        params: GaParams { population: 12, parents: 6, mutations: 4, crossovers: 4, iterations, seed, ..GaParams::default() },
+        params: GaParams {
+            population: 12,
+            parents: 6,
+            mutations: 4,
+            crossovers: 4,
+            iterations,
+            seed,
+            ..GaParams::default()
+        },
         init: InitPopulation::LongRope2Seeds,
         state_dir: state_dir.map(Path::to_path_buf),
         fitness_id: json!({ "test": "target" }),
@@ -290,7 +299,11 @@ fn a_search_killed_mid_iteration_resumes_from_its_cache() {
     let resumed = again.run(&mut target_fitness(&again.space, &calls_b), &RunOptions::default()).unwrap();
     assert_eq!(resumed.best, reference.best);
     assert_eq!(resumed.best_trace, reference.best_trace);
-    assert_eq!(calls_b.get(), calls.get() - (12 + 2 * 8 + 3), "the 3 evaluations after the checkpoint came from cache.jsonl");
+    assert_eq!(
+        calls_b.get(),
+        calls.get() - (12 + 2 * 8 + 3),
+        "the 3 evaluations after the checkpoint came from cache.jsonl"
+    );
 }
 
 #[test]

@@ -59,7 +59,13 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Write checkpoint `state.step` of `lm` and `opt` under `root`; returns its folder.
-    pub fn save(root: &Path, cfg: &TrainConfig, lm: &LoadedModel, opt: &AdamW, state: &TrainerState) -> Result<PathBuf> {
+    pub fn save(
+        root: &Path,
+        cfg: &TrainConfig,
+        lm: &LoadedModel,
+        opt: &AdamW,
+        state: &TrainerState,
+    ) -> Result<PathBuf> {
         let bytes = Self::size_estimate(lm, opt);
         save(root, state.step, bytes, |d| {
             let named: Vec<(String, Tensor)> =
@@ -80,7 +86,8 @@ impl Checkpoint {
         let config = TrainConfig::read(&dir.join(files::CONFIG))?;
         let path = dir.join(files::STATE);
         let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let state = serde_json::from_str(&text).with_context(|| format!("{} is not a trainer state", path.display()))?;
+        let state =
+            serde_json::from_str(&text).with_context(|| format!("{} is not a trainer state", path.display()))?;
         Ok(Checkpoint { dir: dir.to_path_buf(), config, state })
     }
 
@@ -104,7 +111,8 @@ impl Checkpoint {
     /// Bytes one checkpoint of this model and optimizer takes (weights as held plus optimizer
     /// state; the small JSON/TOML files are left out).
     pub fn size_estimate(lm: &LoadedModel, opt: &AdamW) -> u64 {
-        let weights: u64 = lm.vs.variables().values().map(|t| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64).sum();
+        let weights: u64 =
+            lm.vs.variables().values().map(|t| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64).sum();
         let elements: u64 = lm.vs.variables().values().map(|t| t.numel() as u64).sum();
         weights + elements * opt.state_bytes_per_element()
     }
@@ -147,7 +155,8 @@ pub fn space_warning(root: &Path, bytes: u64, keep: usize) -> Option<String> {
 
 /// Whether `e` comes from a full disk.
 fn is_disk_full(e: &anyhow::Error) -> bool {
-    let io_full = e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC)));
+    let io_full =
+        e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC)));
     let text = format!("{e:#}");
     io_full || text.contains("StorageFull") || text.contains("No space left on device")
 }
@@ -172,7 +181,10 @@ pub fn save(root: &Path, step: u64, bytes: u64, fill: impl FnOnce(&Path) -> Resu
                 gb(bytes),
             );
         }
-        return Err(e.context(format!("cannot save checkpoint step {step} in {}; the partial checkpoint was removed", root.display())));
+        return Err(e.context(format!(
+            "cannot save checkpoint step {step} in {}; the partial checkpoint was removed",
+            root.display()
+        )));
     }
     let dst = root.join(dir_name(step));
     if dst.exists() {
@@ -209,7 +221,8 @@ fn write_folder(tmp: &Path, step: u64, fill: impl FnOnce(&Path) -> Result<()>) -
 
 /// Check `dir` against its manifest; the error says what is wrong.
 pub fn verify(dir: &Path) -> Result<u64> {
-    let text = fs::read_to_string(dir.join(MANIFEST)).with_context(|| format!("{} has no {MANIFEST}", dir.display()))?;
+    let text =
+        fs::read_to_string(dir.join(MANIFEST)).with_context(|| format!("{} has no {MANIFEST}", dir.display()))?;
     let m: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{MANIFEST} is not valid JSON"))?;
     let files = m["files"].as_object().context("manifest lacks \"files\"")?;
     for (name, size) in files {

@@ -225,8 +225,8 @@ fn default_eval_rows() -> usize {
 impl TrainConfig {
     /// Parse and validate `path`; relative paths inside are taken from the current directory.
     pub fn read(path: &Path) -> Result<TrainConfig> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
         Self::parse(&text).map_err(|e| e.context(format!("invalid config {}", path.display())))
     }
 
@@ -259,7 +259,8 @@ impl TrainConfig {
     /// Checks that need no files.
     fn validate(&self) -> Result<()> {
         let r = &self.rope;
-        let given = [r.long_factor.is_some(), r.factors_file.is_some(), r.init.is_some()].iter().filter(|x| **x).count();
+        let given =
+            [r.long_factor.is_some(), r.factors_file.is_some(), r.init.is_some()].iter().filter(|x| **x).count();
         if given > 1 {
             bail!("key `rope`: give only one of `long_factor`, `factors_file` or `init`");
         }
@@ -350,7 +351,11 @@ dir = "runs/x"
     #[test]
     fn bad_values_say_what_is_allowed() {
         let e = err(&MINIMAL.replace("[rope]\n", "[rope]\nattention_factor = \"su\"\n"));
-        assert!(e.contains("rope.attention_factor") && e.contains("\"longrope\", \"native\", \"none\" or a positive number"), "{e}");
+        assert!(
+            e.contains("rope.attention_factor")
+                && e.contains("\"longrope\", \"native\", \"none\" or a positive number"),
+            "{e}"
+        );
         let e = err(&MINIMAL.replace("[rope]\n", "[rope]\ninit = \"ntk\"\nlong_factor = [1.0]\n"));
         assert!(e.contains("only one of"), "{e}");
         let e = err(&MINIMAL.replace("[rope]\n", "[rope]\ninit = \"ntk-by-parts\"\n"));

@@ -167,7 +167,11 @@ impl AdamW {
                         anyhow::anyhow!("the optimizer state lacks {key}.{name}: it belongs to another model")
                     })?;
                     if src.size() != dst.size() {
-                        bail!("optimizer state {key}.{name} has shape {:?}, the parameter {:?}", src.size(), dst.size());
+                        bail!(
+                            "optimizer state {key}.{name} has shape {:?}, the parameter {:?}",
+                            src.size(),
+                            dst.size()
+                        );
                     }
                     dst.copy_(src);
                 }

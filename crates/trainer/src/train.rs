@@ -119,14 +119,19 @@ fn batch(rows: &[Row], device: Device) -> (Tensor, Tensor, Tensor) {
 /// A progress bar for a held-out evaluation of `rows` rows on its own line.
 fn eval_bar(rows: usize, hidden: bool) -> ProgressBar {
     let bar = if hidden { ProgressBar::hidden() } else { ProgressBar::new(rows as u64) };
-    bar.set_style(ProgressStyle::with_template("held-out eval {bar:20} {pos}/{len} rows  {elapsed}  eta {eta}").unwrap());
+    bar.set_style(
+        ProgressStyle::with_template("held-out eval {bar:20} {pos}/{len} rows  {elapsed}  eta {eta}").unwrap(),
+    );
     bar
 }
 
 fn find_resume(cfg: &TrainConfig, arg: &str) -> Result<PathBuf> {
     if arg == "latest" {
         return checkpoint::latest_valid(&cfg.checkpoint.dir).ok_or_else(|| {
-            anyhow::anyhow!("--resume: no valid checkpoint under {}; start without --resume", cfg.checkpoint.dir.display())
+            anyhow::anyhow!(
+                "--resume: no valid checkpoint under {}; start without --resume",
+                cfg.checkpoint.dir.display()
+            )
         });
     }
     let dir = PathBuf::from(arg);
@@ -388,7 +393,9 @@ impl Trainer {
             (1.0 - cfg.data.short_share) * 100.0
         );
         println!("  corpus         {} tokens in {} source(s)", loader.corpus().n_tokens(), loader.corpus().n_sources());
-        println!("  memory (est.)  {state_gb:.2} GB weights+optimizer, {act_gb:.2} GB activations, {head_gb:.2} GB LM head");
+        println!(
+            "  memory (est.)  {state_gb:.2} GB weights+optimizer, {act_gb:.2} GB activations, {head_gb:.2} GB LM head"
+        );
         println!(
             "  checkpoints    {} every {} steps, keep {} (about {:.2} GB each)",
             cfg.checkpoint.dir.display(),
@@ -401,7 +408,8 @@ impl Trainer {
 
 /// Write the Hugging Face folder of `lm` (loaded from `source`) with its extension.
 pub fn export(lm: &LoadedModel, source: &Path, ext: &Extension, out: &Path, dtype: &str, shard_mb: u64) -> Result<()> {
-    let opts = ExportOptions { dtype: parse_dtype(dtype)?, max_shard_bytes: shard_mb * 1_000_000, rope: Some(ext.clone()) };
+    let opts =
+        ExportOptions { dtype: parse_dtype(dtype)?, max_shard_bytes: shard_mb * 1_000_000, rope: Some(ext.clone()) };
     export_hf(&lm.vs, &lm.model.config, Some(source), out, &opts)?;
     println!("exported {} (window {} -> {})", out.display(), ext.original_length, ext.target_length);
     Ok(())

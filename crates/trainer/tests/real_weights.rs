@@ -13,7 +13,16 @@ fn smollm2_matches_transformers_on_the_reference_sentence() {
     let dir = common::smollm2();
     let text = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(text.path(), SENTENCE).unwrap();
-    let out = common::run_ok(&["score", "--model", dir.to_str().unwrap(), "--text", text.path().to_str().unwrap(), "--json", "--device", "cpu"]);
+    let out = common::run_ok(&[
+        "score",
+        "--model",
+        dir.to_str().unwrap(),
+        "--text",
+        text.path().to_str().unwrap(),
+        "--json",
+        "--device",
+        "cpu",
+    ]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let nll = v["mean_nll"].as_f64().unwrap();
     assert!((nll - 1.445).abs() <= 0.002, "mean NLL {nll}, transformers gives 1.4450");

@@ -7,7 +7,10 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{run_ok, smollm2, tiny_model, workspace};
-use longmix_model::{load_model, load_tokenizer, AttentionFactor, Extension, ExtensionSpec, FactorSet, FactorsFile, LongFactors, IGNORE_INDEX};
+use longmix_model::{
+    load_model, load_tokenizer, AttentionFactor, Extension, ExtensionSpec, FactorSet, FactorsFile, LongFactors,
+    IGNORE_INDEX,
+};
 use longmix_search::needle::{build_samples, needle_ppl, Document, NeedleOptions, T1};
 use tch::{Device, Kind, Tensor};
 
@@ -53,7 +56,10 @@ fn long_corpus(path: &Path, n: usize, lines: usize) {
 fn needle_samples_are_exact() {
     let tok = load_tokenizer(&smollm2()).unwrap();
     let docs: Vec<Document> = (0..3)
-        .map(|i| Document { id: format!("doc{i}"), tokens: tok.encode(document_text(i, 60), false).unwrap().get_ids().to_vec() })
+        .map(|i| Document {
+            id: format!("doc{i}"),
+            tokens: tok.encode(document_text(i, 60), false).unwrap().get_ids().to_vec(),
+        })
         .collect();
     let (l, n) = (512usize, 12usize);
     let opts = NeedleOptions { length: l, samples: n, documents: 3, seed: 7, bos: None };
@@ -71,7 +77,10 @@ fn needle_samples_are_exact() {
         let ids: Vec<u32> = s.input_ids.iter().map(|&t| t as u32).collect();
         // The answer tokens are the needle, at the very end, after t3's question.
         assert_eq!(tok.decode(&ids[l - a..], false).unwrap().trim(), s.needle);
-        assert!(tok.decode(&ids[l - a - 20..], false).unwrap().ends_with(&format!("mentioned in the provided text is: {}", s.needle)));
+        assert!(tok
+            .decode(&ids[l - a - 20..], false)
+            .unwrap()
+            .ends_with(&format!("mentioned in the provided text is: {}", s.needle)));
         // Targets: -100 everywhere but the positions predicting the answer tokens.
         for t in 0..l {
             if t >= l - 1 - a && t < l - 1 {
@@ -84,12 +93,18 @@ fn needle_samples_are_exact() {
         // t1 first, then the document; the needle sentence where the sample says.
         assert!(tok.decode(&ids[..prefix], false).unwrap() == T1);
         let needle_text = tok.decode(&ids[s.needle_at..s.needle_at + 25], false).unwrap();
-        assert!(needle_text.starts_with(&format!("One of the special magic numbers for wandering-age is: {}.\n", s.needle)), "{needle_text:?}");
+        assert!(
+            needle_text.starts_with(&format!("One of the special magic numbers for wandering-age is: {}.\n", s.needle)),
+            "{needle_text:?}"
+        );
         // Depth k/(N-1), split snapped back to a line end (or the document start).
         assert!((s.depth - k as f64 / (n - 1) as f64).abs() < 1e-12);
         assert_eq!(s.document, k % 3);
         if s.needle_at > prefix {
-            assert!(tok.decode(&ids[s.needle_at - 1..s.needle_at], false).unwrap().ends_with('\n'), "split at a line end");
+            assert!(
+                tok.decode(&ids[s.needle_at - 1..s.needle_at], false).unwrap().ends_with('\n'),
+                "split at a line end"
+            );
         }
     }
     assert_eq!(needles.len(), n, "needles differ");
@@ -118,9 +133,14 @@ fn needle_ppl_is_the_answer_tokens_nll_under_the_configured_factors() {
     let mut lm = load_model(&dir, Kind::Float, Device::Cpu).unwrap();
     let tok = load_tokenizer(&dir).unwrap();
     let docs: Vec<Document> = (0..2)
-        .map(|i| Document { id: format!("{i}"), tokens: tok.encode(document_text(i, 20), false).unwrap().get_ids().to_vec() })
+        .map(|i| Document {
+            id: format!("{i}"),
+            tokens: tok.encode(document_text(i, 20), false).unwrap().get_ids().to_vec(),
+        })
         .collect();
-    let samples = build_samples(&tok, &docs, &NeedleOptions { length: 128, samples: 5, documents: 2, seed: 0, bos: None }).unwrap();
+    let samples =
+        build_samples(&tok, &docs, &NeedleOptions { length: 128, samples: 5, documents: 2, seed: 0, bos: None })
+            .unwrap();
     let spec = ExtensionSpec {
         target_length: Some(128),
         original_length: Some(64),
@@ -142,7 +162,8 @@ fn needle_ppl_is_the_answer_tokens_nll_under_the_configured_factors() {
     let flat_t = targets.view([-1]);
     let keep = flat_t.ne(IGNORE_INDEX);
     let count = keep.sum(Kind::Int64).int64_value(&[]);
-    let sum = -logp.gather(1, &flat_t.clamp_min(0).unsqueeze(1), false).squeeze_dim(1).masked_select(&keep).sum(Kind::Double);
+    let sum =
+        -logp.gather(1, &flat_t.clamp_min(0).unsqueeze(1), false).squeeze_dim(1).masked_select(&keep).sum(Kind::Double);
     let mean = sum.double_value(&[]) / count as f64;
     assert_eq!(count as usize, score.tokens);
     assert!((mean - score.mean_nll).abs() < 1e-4, "needle_ppl {} vs nll {mean}", score.mean_nll);
@@ -152,7 +173,12 @@ fn needle_ppl_is_the_answer_tokens_nll_under_the_configured_factors() {
     assert!((one.mean_nll - score.mean_nll).abs() < 1e-5);
     pi.with_long(&vec![1.0; pi.long_factor.len()]).apply(&mut lm.model.config);
     let original = needle_ppl(&lm.model, &samples, 2).unwrap();
-    assert!((original.mean_nll - score.mean_nll).abs() > 1e-4, "PI and original RoPE must score differently: {} vs {}", original.mean_nll, score.mean_nll);
+    assert!(
+        (original.mean_nll - score.mean_nll).abs() > 1e-4,
+        "PI and original RoPE must score differently: {} vs {}",
+        original.mean_nll,
+        score.mean_nll
+    );
 }
 
 struct SearchRun {
@@ -209,7 +235,11 @@ state_dir = "{root}/state"
     }
 
     fn jsonl(&self, name: &str) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.root.join("state").join(name)).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        std::fs::read_to_string(self.root.join("state").join(name))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 }
 
@@ -243,7 +273,10 @@ fn search_improves_resumes_exactly_and_feeds_the_trainer() {
     let best = notes["fitness"].as_f64().unwrap();
     let trace: Vec<f64> = log.iter().map(|v| v["best_fitness"].as_f64().unwrap()).collect();
     assert!(trace.windows(2).all(|w| w[1] <= w[0]), "the best never gets worse: {trace:?}");
-    assert!(best < notes["initial_best_fitness"].as_f64().unwrap(), "no improvement on the first population's best: {trace:?}");
+    assert!(
+        best < notes["initial_best_fitness"].as_f64().unwrap(),
+        "no improvement on the first population's best: {trace:?}"
+    );
     assert!(best.is_finite() && best > 1.0);
 
     // Stopped after one iteration and started again: the same file, byte for byte.
@@ -254,7 +287,9 @@ fn search_improves_resumes_exactly_and_feeds_the_trainer() {
     let out = split.search(&[]);
     assert!(out.contains("resumed after iteration 1"), "{out}");
     let a = std::fs::read_to_string(run.root.join("factors.json")).unwrap();
-    let b = std::fs::read_to_string(split.root.join("factors.json")).unwrap().replace(&split.root.display().to_string(), &run.root.display().to_string());
+    let b = std::fs::read_to_string(split.root.join("factors.json"))
+        .unwrap()
+        .replace(&split.root.display().to_string(), &run.root.display().to_string());
     assert_eq!(a, b);
 
     // The trainer takes the file as `[rope] factors_file`.
@@ -289,12 +324,21 @@ fn search_config_errors_name_the_key() {
     let cfg = run.config();
     let good = std::fs::read_to_string(&cfg).unwrap();
     let cases = [
-        (good.replace("seed = 1", "seed = 1\ncritical_dim = 8"), &["search.critical_dim", "between 1 and d_rot/2 - 1 = 7"][..]),
-        (good.replace("target_length = 128", "target_length = 64"), &["rope.target_length", "must exceed the original window L0 = 64"]),
+        (
+            good.replace("seed = 1", "seed = 1\ncritical_dim = 8"),
+            &["search.critical_dim", "between 1 and d_rot/2 - 1 = 7"][..],
+        ),
+        (
+            good.replace("target_length = 128", "target_length = 64"),
+            &["rope.target_length", "must exceed the original window L0 = 64"],
+        ),
         (good.replace("seed = 1", "seed = 1\nlength_scale = 1.5"), &["search.length_scale", "must exceed s"]),
         (good.replace("seed = 1", "seed = 1\nstart_tokens = 4"), &["search.start_tokens", "not supported"]),
         (good.replace("docs.jsonl", "missing.jsonl"), &["missing.jsonl", "does not exist"]),
-        (good.replace("target_length = 128", "target_length = 4096"), &["no document has the", "smaller target length"]),
+        (
+            good.replace("target_length = 128", "target_length = 4096"),
+            &["no document has the", "smaller target length"],
+        ),
         (good.replace("device = \"cpu\"", "device = \"tpu\""), &["model.device", "tpu"]),
         (good.replace("parents = 4", "parents = 40"), &["search.parents", "between 2 and search.population = 8"]),
     ];
@@ -316,8 +360,22 @@ fn needle_ppl_command_compares_factor_sets() {
     let docs = run.root.join("docs.jsonl").display().to_string();
     let cache = run.root.join("cache").display().to_string();
     let out = run_ok(&[
-        "needle-ppl", "--model", &model, "--target-length", "128", "--jsonl", &docs, "--cache-dir", &cache, "--samples", "3",
-        "--device", "cpu", "--factors", "original,pi,ntk,yarn,longrope2", "--json",
+        "needle-ppl",
+        "--model",
+        &model,
+        "--target-length",
+        "128",
+        "--jsonl",
+        &docs,
+        "--cache-dir",
+        &cache,
+        "--samples",
+        "3",
+        "--device",
+        "cpu",
+        "--factors",
+        "original,pi,ntk,yarn,longrope2",
+        "--json",
     ]);
     let rows: Vec<serde_json::Value> =
         String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -325,7 +383,10 @@ fn needle_ppl_command_compares_factor_sets() {
     let ppl: Vec<f64> = rows.iter().map(|r| r["needle_ppl"].as_f64().unwrap()).collect();
     assert!(ppl.iter().all(|p| p.is_finite() && *p > 1.0));
     assert!(ppl.windows(2).any(|w| (w[0] - w[1]).abs() > 1e-6), "factor sets must differ: {ppl:?}");
-    assert!((rows[3]["attention_factor"].as_f64().unwrap() - (0.1 * 2f64.ln() + 1.0)).abs() < 1e-12, "yarn's own factor");
+    assert!(
+        (rows[3]["attention_factor"].as_f64().unwrap() - (0.1 * 2f64.ln() + 1.0)).abs() < 1e-12,
+        "yarn's own factor"
+    );
     assert!((rows[4]["attention_factor"].as_f64().unwrap() - (1.0 + 2f64.ln() / 64f64.ln()).sqrt()).abs() < 1e-12);
     assert_eq!(rows[1]["answer_tokens"], 21, "3 samples x 7 digits");
 }
@@ -334,7 +395,9 @@ fn needle_ppl_command_compares_factor_sets() {
 fn longrope_v1_search_runs_from_its_init() {
     let run = SearchRun::new();
     let cfg = run.config();
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("iterations = 6", "iterations = 2\nmode = \"longrope\"\ninit = \"ntk\"");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("iterations = 6", "iterations = 2\nmode = \"longrope\"\ninit = \"ntk\"");
     std::fs::write(&cfg, text).unwrap();
     let out = run.search(&[]);
     assert!(out.contains("longrope search:"), "{out}");

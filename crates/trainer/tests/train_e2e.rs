@@ -106,8 +106,11 @@ fn resume_is_bitwise_exact() {
     // Training moved the loss (the check above is not comparing constants).
     assert_ne!(reference[0].1, reference[5].1);
     // keep = 2: only the newest two checkpoints remain.
-    let ckpts: Vec<_> = std::fs::read_dir(split.root.join("ckpt")).unwrap().flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("step-")).collect();
+    let ckpts: Vec<_> = std::fs::read_dir(split.root.join("ckpt"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("step-"))
+        .collect();
     assert_eq!(ckpts.len(), 2);
 
     // Going back to an older checkpoint rewinds the metrics: steps 5 and 6 are logged once, by
@@ -194,7 +197,8 @@ fn killed_while_checkpointing_leaves_a_resumable_run() {
     let cfg = run.config();
     let cfg_text = std::fs::read_to_string(&cfg).unwrap().replace("steps = 6\n", "").replace("every = 2", "every = 1");
     std::fs::write(&cfg, cfg_text).unwrap();
-    let mut child = common::bin().args(["train", "--config", &cfg]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child =
+        common::bin().args(["train", "--config", &cfg]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     // Wait for a few checkpoints, then kill -9 at an arbitrary moment (often mid-save).
     let t0 = Instant::now();
     while longmix_ckpts(&run.root.join("ckpt")) < 3 && t0.elapsed() < Duration::from_secs(120) {
@@ -208,7 +212,9 @@ fn killed_while_checkpointing_leaves_a_resumable_run() {
 }
 
 fn longmix_ckpts(dir: &Path) -> usize {
-    std::fs::read_dir(dir).map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("step-")).count()).unwrap_or(0)
+    std::fs::read_dir(dir)
+        .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("step-")).count())
+        .unwrap_or(0)
 }
 
 #[test]
@@ -223,7 +229,9 @@ fn export_round_trips_with_the_trained_rope() {
     let back = load_model(&out, Kind::Float, Device::Cpu).unwrap();
     let c = &back.model.config;
     assert_eq!((c.max_position_embeddings, c.rope.original_max_position_embeddings), (256, 64));
-    let RopeScaling::LongRope { short_factor, long_factor, .. } = &c.rope.scaling else { panic!("{:?}", c.rope.scaling) };
+    let RopeScaling::LongRope { short_factor, long_factor, .. } = &c.rope.scaling else {
+        panic!("{:?}", c.rope.scaling)
+    };
     assert!(short_factor.iter().all(|&x| x == 1.0));
     assert!(long_factor.windows(2).all(|w| w[1] > w[0]) && (long_factor[long_factor.len() - 1] - 4.0).abs() < 0.1);
     assert!(out.join("tokenizer.json").exists());
@@ -241,7 +249,9 @@ fn export_round_trips_with_the_trained_rope() {
     let pos = Tensor::arange(100, (Kind::Int64, Device::Cpu)).unsqueeze(0);
     let mut plain = load_model(&out, Kind::Float, Device::Cpu).unwrap();
     plain.model.config.rope.scaling = RopeScaling::Default;
-    let d = tch::no_grad(|| (back.model.forward(&ids, &pos) - plain.model.forward(&ids, &pos)).abs().max().double_value(&[]));
+    let d = tch::no_grad(|| {
+        (back.model.forward(&ids, &pos) - plain.model.forward(&ids, &pos)).abs().max().double_value(&[])
+    });
     assert!(d > 1e-3, "long rows should use the long factors (diff {d})");
 }
 

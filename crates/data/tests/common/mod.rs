@@ -2,7 +2,7 @@
 //! plus `<s>` = 256 and `</s>` = 257), configs and in-memory corpora.
 #![allow(dead_code)]
 
-use longmix_data::{Corpus, DataConfig, Loader, Row, Window, SourceConfig, IGNORE_INDEX};
+use longmix_data::{Corpus, DataConfig, Loader, Row, SourceConfig, Window, IGNORE_INDEX};
 use std::path::{Path, PathBuf};
 
 pub const BOS: u32 = 256;
@@ -10,10 +10,7 @@ pub const EOS: u32 = 257;
 
 /// GPT-2's byte → printable-char map, so that byte b is token b.
 fn byte_chars() -> Vec<char> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
     let mut cs = bs.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -33,11 +30,8 @@ fn byte_chars() -> Vec<char> {
 /// Write a tokenizer.json whose tokens are exactly the UTF-8 bytes of the text.
 pub fn write_byte_tokenizer(dir: &Path) -> PathBuf {
     let chars = byte_chars();
-    let vocab: serde_json::Map<String, serde_json::Value> = chars
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.to_string(), serde_json::json!(i)))
-        .collect();
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        chars.iter().enumerate().map(|(i, c)| (c.to_string(), serde_json::json!(i))).collect();
     let special = |id: u32, content: &str| {
         serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
                            "rstrip": false, "normalized": false, "special": true})
@@ -60,12 +54,7 @@ pub fn write_byte_tokenizer(dir: &Path) -> PathBuf {
     p
 }
 
-pub fn config(
-    sources: Vec<SourceConfig>,
-    seq_len: usize,
-    l0: usize,
-    short_share: f64,
-) -> DataConfig {
+pub fn config(sources: Vec<SourceConfig>, seq_len: usize, l0: usize, short_share: f64) -> DataConfig {
     DataConfig {
         sources,
         seq_len,
@@ -83,13 +72,7 @@ pub fn config(
 
 /// Dummy source entries for in-memory corpora (paths are never read).
 pub fn mem_sources(weights: &[f64]) -> Vec<SourceConfig> {
-    weights
-        .iter()
-        .map(|&w| SourceConfig::Text {
-            path: PathBuf::from("/in-memory"),
-            weight: w,
-        })
-        .collect()
+    weights.iter().map(|&w| SourceConfig::Text { path: PathBuf::from("/in-memory"), weight: w }).collect()
 }
 
 /// Deterministic pseudo-random documents: `n` per source with lengths in `1..=max_len`;
@@ -107,9 +90,7 @@ pub fn make_docs(n_sources: usize, n: usize, max_len: usize, seed: u64) -> Vec<V
             (0..n)
                 .map(|d| {
                     let len = 1 + (next() % max_len as u64) as usize;
-                    (0..len)
-                        .map(|p| ((s * 7919 + d * 104729 + p * 31) % 250) as u32)
-                        .collect()
+                    (0..len).map(|p| ((s * 7919 + d * 104729 + p * 31) % 250) as u32).collect()
                 })
                 .collect()
         })
@@ -139,26 +120,14 @@ pub fn check_row_contract(row: &Row, cfg: &DataConfig, docs: Option<&[Vec<Vec<u3
     assert_eq!(row.input_ids.len(), t, "row length");
     assert_eq!(row.position_ids.len(), t);
     assert_eq!(row.targets.len(), t);
-    assert_eq!(
-        row.pieces.iter().map(|p| p.len).sum::<usize>(),
-        t,
-        "pieces cover the row"
-    );
+    assert_eq!(row.pieces.iter().map(|p| p.len).sum::<usize>(), t, "pieces cover the row");
     let mut at = 0;
     let mut n_targets = 0;
     for p in &row.pieces {
         assert!(p.len > 0, "empty piece");
         for i in 0..p.len {
-            assert_eq!(
-                row.position_ids[at + i],
-                i as i64,
-                "positions restart at each document"
-            );
-            let expect = if p.origin.is_some() && i + 1 < p.len {
-                row.input_ids[at + i + 1]
-            } else {
-                IGNORE_INDEX
-            };
+            assert_eq!(row.position_ids[at + i], i as i64, "positions restart at each document");
+            let expect = if p.origin.is_some() && i + 1 < p.len { row.input_ids[at + i + 1] } else { IGNORE_INDEX };
             assert_eq!(row.targets[at + i], expect, "target at {}", at + i);
             if expect != IGNORE_INDEX {
                 n_targets += 1;
@@ -167,19 +136,13 @@ pub fn check_row_contract(row: &Row, cfg: &DataConfig, docs: Option<&[Vec<Vec<u3
         match &p.origin {
             None => {
                 assert!(p.len <= cfg.l0, "padding pieces are split at l0");
-                assert!(row.input_ids[at..at + p.len]
-                    .iter()
-                    .all(|&x| x == cfg.pad_token() as i64));
+                assert!(row.input_ids[at..at + p.len].iter().all(|&x| x == cfg.pad_token() as i64));
             }
             Some(o) => {
                 if let Some(docs) = docs {
                     let v = virtual_doc(&docs[o.source][o.doc], cfg);
                     assert!(o.start + p.len <= v.len(), "piece inside its document");
-                    assert_eq!(
-                        &row.input_ids[at..at + p.len],
-                        &v[o.start..o.start + p.len],
-                        "piece tokens"
-                    );
+                    assert_eq!(&row.input_ids[at..at + p.len], &v[o.start..o.start + p.len], "piece tokens");
                 }
             }
         }
@@ -188,13 +151,7 @@ pub fn check_row_contract(row: &Row, cfg: &DataConfig, docs: Option<&[Vec<Vec<u3
     assert_eq!(row.n_targets, n_targets);
     assert_eq!(row.kind, Window::of_positions(&row.position_ids, cfg.l0 as i64));
     match row.kind {
-        Window::Short => assert!(
-            row.pieces.iter().all(|p| p.len <= cfg.l0),
-            "short row has a piece > l0"
-        ),
-        Window::Long => assert!(
-            row.pieces.iter().any(|p| p.len > cfg.l0),
-            "long row without a piece > l0"
-        ),
+        Window::Short => assert!(row.pieces.iter().all(|p| p.len <= cfg.l0), "short row has a piece > l0"),
+        Window::Long => assert!(row.pieces.iter().any(|p| p.len > cfg.l0), "long row without a piece > l0"),
     }
 }

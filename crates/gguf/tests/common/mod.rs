@@ -30,9 +30,7 @@ pub fn smollm2_gguf() -> PathBuf {
 
 /// A fresh scratch folder for one test.
 pub fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("longmix-gguf")
-        .join(name);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("longmix-gguf").join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -44,8 +42,7 @@ pub fn imported_smollm2() -> &'static (longmix_gguf::ImportReport, PathBuf) {
     IMPORT.get_or_init(|| {
         let gguf = smollm2_gguf();
         let out = scratch("smollm2").join("model");
-        let report =
-            longmix_gguf::import_gguf(&gguf, &out).unwrap_or_else(|e| panic!("import failed: {e}"));
+        let report = longmix_gguf::import_gguf(&gguf, &out).unwrap_or_else(|e| panic!("import failed: {e}"));
         (report, out)
     })
 }
@@ -96,11 +93,7 @@ const ALIGNMENT: usize = 32;
 
 impl GgufWriter {
     pub fn new() -> Self {
-        GgufWriter {
-            version: 3,
-            kvs: Vec::new(),
-            tensors: Vec::new(),
-        }
+        GgufWriter { version: 3, kvs: Vec::new(), tensors: Vec::new() }
     }
 
     pub fn kv(&mut self, key: &str, value: Kv) -> &mut Self {
@@ -117,8 +110,7 @@ impl GgufWriter {
     /// `dims` in GGUF order (innermost first).
     pub fn tensor(&mut self, name: &str, dims: &[u64], ty: u32, data: Vec<u8>) -> &mut Self {
         self.tensors.retain(|(n, ..)| n != name);
-        self.tensors
-            .push((name.to_string(), dims.to_vec(), ty, data));
+        self.tensors.push((name.to_string(), dims.to_vec(), ty, data));
         self
     }
 
@@ -291,8 +283,7 @@ pub fn llama_cpp_permute(hf: &[f32], rows: usize, cols: usize, n_head: usize) ->
             for s in 0..2 {
                 let to = (h * half + i) * 2 + s; // index in the (n_head, half, 2) result
                 let from = (h * 2 + s) * half + i; // index in the (n_head, 2, half) source
-                out[to * cols..(to + 1) * cols]
-                    .copy_from_slice(&hf[from * cols..(from + 1) * cols]);
+                out[to * cols..(to + 1) * cols].copy_from_slice(&hf[from * cols..(from + 1) * cols]);
             }
         }
     }

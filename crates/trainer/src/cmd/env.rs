@@ -14,7 +14,10 @@ pub struct Args {
 /// Whether a small bf16 matmul runs on `device`, and its error if not.
 fn bf16_works(device: Device) -> bool {
     let a = Tensor::f_ones([8, 8], (Kind::BFloat16, device));
-    a.and_then(|a| a.f_matmul(&a)).and_then(|c| c.f_sum(Kind::Float)).map(|s| s.double_value(&[]) == 512.0).unwrap_or(false)
+    a.and_then(|a| a.f_matmul(&a))
+        .and_then(|c| c.f_sum(Kind::Float))
+        .map(|s| s.double_value(&[]) == 512.0)
+        .unwrap_or(false)
 }
 
 pub fn run(a: Args) -> Result<()> {

@@ -210,7 +210,9 @@ pub fn parse_lengths(s: &str) -> Result<Vec<usize>> {
                 Some(n) => (n, 1024),
                 None => (p, 1),
             };
-            num.parse::<usize>().map(|n| n * mul).map_err(|_| anyhow::anyhow!("bad length {p:?} in {s:?} (use e.g. 512,1k,16k)"))
+            num.parse::<usize>()
+                .map(|n| n * mul)
+                .map_err(|_| anyhow::anyhow!("bad length {p:?} in {s:?} (use e.g. 512,1k,16k)"))
         })
         .collect::<Result<_>>()?;
     if out.is_empty() || out.contains(&0) {
@@ -223,7 +225,11 @@ pub fn parse_lengths(s: &str) -> Result<Vec<usize>> {
 fn parse_depths(s: &str) -> Result<Vec<f64>> {
     s.split(',')
         .map(|p| {
-            let v: f64 = p.trim().trim_end_matches('%').parse().map_err(|_| anyhow::anyhow!("bad depth {p:?} in {s:?} (percent, e.g. 0,50,100)"))?;
+            let v: f64 = p
+                .trim()
+                .trim_end_matches('%')
+                .parse()
+                .map_err(|_| anyhow::anyhow!("bad depth {p:?} in {s:?} (percent, e.g. 0,50,100)"))?;
             if !(0.0..=100.0).contains(&v) {
                 bail!("depth {v} is not a percentage in [0, 100]");
             }
@@ -242,7 +248,8 @@ fn fmt_len(l: usize) -> String {
 
 fn bar(what: &str) -> ProgressBar {
     ProgressBar::new(0).with_style(
-        ProgressStyle::with_template(&format!("{what} {{bar:30}} {{pos}}/{{len}}  {{elapsed}} elapsed, eta {{eta}}")).unwrap(),
+        ProgressStyle::with_template(&format!("{what} {{bar:30}} {{pos}}/{{len}}  {{elapsed}} elapsed, eta {{eta}}"))
+            .unwrap(),
     )
 }
 
@@ -289,7 +296,8 @@ fn write_outputs(c: &Common, report: &Value, table: &str, canvas: Option<plot::C
         println!("({:.1}s)", report["seconds"].as_f64().unwrap_or(0.0));
     }
     if let Some(out) = &c.out {
-        std::fs::write(out, serde_json::to_string_pretty(report)?).with_context(|| format!("cannot write {}", out.display()))?;
+        std::fs::write(out, serde_json::to_string_pretty(report)?)
+            .with_context(|| format!("cannot write {}", out.display()))?;
         eprintln!("wrote {}", out.display());
     }
     let plot_path = c.plot.clone().or_else(|| c.out.as_ref().map(|o| o.with_extension("png")));

@@ -109,7 +109,10 @@ pub fn run(a: Args) -> Result<()> {
                 })
             })
             .collect();
-        println!("{}", json!({ "model": a.model, "rope": applied.details, "seconds": secs, "new_tokens": new_tokens, "outputs": rows }));
+        println!(
+            "{}",
+            json!({ "model": a.model, "rope": applied.details, "seconds": secs, "new_tokens": new_tokens, "outputs": rows })
+        );
     } else {
         for (r, text) in texts.iter().enumerate() {
             if prompts.len() > 1 {

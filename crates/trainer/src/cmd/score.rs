@@ -38,7 +38,8 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let (device, kind) = a.compute.resolve()?;
-    let text = std::fs::read_to_string(&a.text).with_context(|| format!("cannot read text file {}", a.text.display()))?;
+    let text =
+        std::fs::read_to_string(&a.text).with_context(|| format!("cannot read text file {}", a.text.display()))?;
     let lm = longmix_model::load_model(&a.model, kind, device)?;
     let tok = longmix_model::load_tokenizer(&a.model)?;
     let ids: Vec<i64> = tok
@@ -93,7 +94,12 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-fn save_logits(model: &longmix_model::CausalLm, ids: &[i64], device: tch::Device, path: &std::path::Path) -> Result<()> {
+fn save_logits(
+    model: &longmix_model::CausalLm,
+    ids: &[i64],
+    device: tch::Device,
+    path: &std::path::Path,
+) -> Result<()> {
     let n = ids.len() as i64;
     let input = Tensor::from_slice(ids).unsqueeze(0);
     let pos = Tensor::arange(n, (Kind::Int64, device)).unsqueeze(0);

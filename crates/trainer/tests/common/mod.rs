@@ -20,7 +20,12 @@ pub fn bin() -> Command {
 /// Run the binary; panic with its output unless it succeeds.
 pub fn run_ok(args: &[&str]) -> Output {
     let out = bin().args(args).output().unwrap();
-    assert!(out.status.success(), "longmix {args:?} failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "longmix {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
@@ -71,7 +76,11 @@ pub fn tiny_model(dir: &Path) {
                 z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
                 let u = ((z ^ (z >> 31)) >> 11) as f32 / (1u64 << 53) as f32; // [0, 1)
                 let x = (u - 0.5) * 0.2;
-                if name.ends_with("layernorm.weight") || name.ends_with("norm.weight") { 1.0 + x } else { x }
+                if name.ends_with("layernorm.weight") || name.ends_with("norm.weight") {
+                    1.0 + x
+                } else {
+                    x
+                }
             })
             .collect();
         tch::no_grad(|| var.shallow_clone().copy_(&Tensor::from_slice(&values).view(var.size().as_slice())));
