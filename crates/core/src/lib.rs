@@ -60,6 +60,16 @@ pub fn next_token_targets(input_ids: &[i64], position_ids: &[i64]) -> Vec<i64> {
     (0..n).map(|t| if t + 1 < n && position_ids[t + 1] != 0 { input_ids[t + 1] } else { IGNORE_INDEX }).collect()
 }
 
+/// The special tokens a tokenizer puts before any text (BOS for LLaMA / Phi-3 tokenizers, none
+/// for SmolLM2), found the way `tokenizer(text)` shows them: what encoding "a" with special
+/// tokens has before the encoding without. `encode(text, with_special_tokens)`.
+pub fn leading_specials<E>(encode: impl Fn(&str, bool) -> Result<Vec<i64>, E>) -> Result<Vec<i64>, E> {
+    let with = encode("a", true)?;
+    let without = encode("a", false)?;
+    let pos = with.windows(without.len().max(1)).position(|w| w == without.as_slice()).unwrap_or(0);
+    Ok(with[..pos].to_vec())
+}
+
 /// SplitMix64 (Steele, Lea & Flood 2014): a tiny, seedable, platform-independent generator;
 /// also the usual way to expand one seed into a larger generator's state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +130,18 @@ mod tests {
     fn targets_stop_at_document_boundaries() {
         let t = next_token_targets(&[10, 11, 12, 20, 21], &[0, 1, 2, 0, 1]);
         assert_eq!(t, vec![11, 12, IGNORE_INDEX, 21, IGNORE_INDEX]);
+    }
+
+    #[test]
+    fn leading_specials_are_what_precedes_the_text() {
+        let bos = |t: &str, special: bool| -> Result<Vec<i64>, ()> {
+            let mut ids: Vec<i64> = if special { vec![1] } else { vec![] };
+            ids.extend(t.bytes().map(|b| b as i64 + 10));
+            Ok(ids)
+        };
+        assert_eq!(leading_specials(bos), Ok(vec![1]));
+        let plain = |t: &str, _: bool| -> Result<Vec<i64>, ()> { Ok(t.bytes().map(|b| b as i64).collect()) };
+        assert_eq!(leading_specials(plain), Ok(vec![]));
     }
 
     #[test]

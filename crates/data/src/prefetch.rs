@@ -49,13 +49,6 @@ impl Prefetcher {
     }
 }
 
-impl Iterator for Prefetcher {
-    type Item = (Row, LoaderState);
-    fn next(&mut self) -> Option<Self::Item> {
-        Some(self.next_row())
-    }
-}
-
 impl Drop for Prefetcher {
     fn drop(&mut self) {
         // Dropping the receiver makes the thread's pending/next send fail, so it exits.

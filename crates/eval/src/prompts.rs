@@ -33,8 +33,6 @@ pub fn sample_rng(seed: u64, parts: &[u64]) -> SplitMix64 {
 /// A source of haystack tokens: units (sentences) tokenized once, cycled as needed.
 pub struct Haystack {
     units: Vec<Vec<i64>>,
-    /// Total tokens of one pass over the units.
-    cycle: usize,
     /// What precedes each unit (`\n` for noise lines, a space for sentences): a leading
     /// separator keeps byte-level BPE tokens as they are in running text (`" The"`).
     pub sep: String,
@@ -68,7 +66,7 @@ impl Haystack {
         if total == 0 {
             bail!("the haystack {name} tokenizes to nothing");
         }
-        Ok(Haystack { units, cycle: total, sep: " ".into(), name: name.to_string() })
+        Ok(Haystack { units, sep: " ".into(), name: name.to_string() })
     }
 
     /// `unit` repeated (joined by `sep`) into one stream of at least `min_tokens` tokens,
@@ -78,19 +76,17 @@ impl Haystack {
         let n = min_tokens / per + 2;
         let text = vec![unit; n].join(sep);
         let stream = tok.encode(&text, false)?;
-        let cycle = stream.len();
-        Ok(Haystack { units: vec![stream], cycle, sep: sep.to_string(), name: name.to_string() })
+        Ok(Haystack { units: vec![stream], sep: sep.to_string(), name: name.to_string() })
     }
 
     /// Units each preceded by `sep`, tokenized one by one.
     pub fn from_units(tok: &dyn TextTokenizer, units: &[String], sep: &str, name: &str) -> Result<Self> {
         let units: Vec<Vec<i64>> =
             units.iter().map(|u| tok.encode(&format!("{sep}{u}"), false)).collect::<Result<_>>()?;
-        let cycle = units.iter().map(Vec::len).sum();
-        if cycle == 0 {
+        if units.iter().all(Vec::is_empty) {
             bail!("the haystack {name} tokenizes to nothing");
         }
-        Ok(Haystack { units, cycle, sep: sep.to_string(), name: name.to_string() })
+        Ok(Haystack { units, sep: sep.to_string(), name: name.to_string() })
     }
 
     /// Exactly `len` tokens starting at unit `start` (cycling), and the offsets at which a
@@ -116,10 +112,6 @@ impl Haystack {
     pub fn n_units(&self) -> usize {
         self.units.len()
     }
-
-    pub fn cycle_tokens(&self) -> usize {
-        self.cycle
-    }
 }
 
 /// Split text into sentences after `.`, `!` or `?` followed by whitespace (whitespace runs
@@ -143,11 +135,7 @@ pub fn split_sentences(text: &str) -> Vec<String> {
 
 /// The tokenizer's own leading special tokens (BOS for LLaMA / Phi-3 tokenizers, none for SmolLM2).
 pub fn leading_specials(tok: &dyn TextTokenizer) -> Result<Vec<i64>> {
-    let with = tok.encode("a", true)?;
-    let without = tok.encode("a", false)?;
-    // The specials before the text: what `with` has before `without` starts.
-    let pos = with.windows(without.len()).position(|w| w == without.as_slice()).unwrap_or(0);
-    Ok(with[..pos].to_vec())
+    longmix_core::leading_specials(|text, special| tok.encode(text, special))
 }
 
 /// One passkey prompt.

@@ -198,21 +198,7 @@ const STATE: &str = "state.json";
 const CACHE_LOG: &str = "cache.jsonl";
 const ITER_LOG: &str = "search.jsonl";
 
-/// Write `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the folder.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
-    let name = path.file_name().context("path has no file name")?.to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    {
-        let mut f = File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
-    File::open(dir)?.sync_all()?;
-    Ok(())
-}
+pub use longmix_core::fsx::write_atomic;
 
 fn sort_members(members: &mut [Member]) {
     // Stable: equal fitness keeps the older individual first.

@@ -99,10 +99,14 @@ pub fn encode_with_answer(tok: &Tokenizer, text: &str, needle: &str) -> Result<(
 /// Whether the BOS the model's tokenizer adds (if any) should lead each sample: the tokenizer's
 /// own post-processor decides, as `tokenizer(text)` does in transformers.
 pub fn tokenizer_bos(tok: &Tokenizer) -> Result<Option<u32>> {
-    let plain = tok.encode("a", false).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let special = tok.encode("a", true).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (p, s) = (plain.get_ids(), special.get_ids());
-    Ok((s.len() > p.len() && s[1..].starts_with(p)).then(|| s[0]))
+    let specials = longmix_core::leading_specials(|text, special| -> Result<Vec<i64>> {
+        let enc = tok.encode(text, special).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    })?;
+    Ok(match specials[..] {
+        [bos] => Some(bos as u32),
+        _ => None,
+    })
 }
 
 /// Up to `max_docs` documents with at least `min_len` tokens, picked in a seeded shuffle of the
