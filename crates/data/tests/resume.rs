@@ -153,7 +153,7 @@ fn prefetcher_yields_rows_with_matching_states() {
     // dropping while the worker is blocked on a full channel must not hang
     drop(p);
     let mut it = Prefetcher::new(mem_loader(&docs, cfg, 0, 1), 1);
-    assert_eq!(it.next().unwrap().0, direct[0]);
+    assert_eq!(it.next_row().0, direct[0]);
 }
 
 #[test]

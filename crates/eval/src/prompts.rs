@@ -22,7 +22,7 @@ pub const PASSKEY_QUESTION: &str = "What is the pass key? The pass key is";
 
 /// A generator seeded from a run seed and the coordinates of one sample.
 pub fn sample_rng(seed: u64, parts: &[u64]) -> SplitMix64 {
-    let mut h = SplitMix64::new(seed ^ 0x6C6F_6E67_6D69_78);
+    let mut h = SplitMix64::new(seed ^ 0x006C_6F6E_676D_6978);
     let mut state = h.next_u64();
     for &p in parts {
         state = SplitMix64::new(state ^ p.wrapping_mul(longmix_core::GOLDEN_GAMMA)).next_u64();

@@ -48,8 +48,8 @@ fn direct(
                     }
                     let p = cfg.relative_position(i as i64, j as i64) as f64;
                     let mut s = 0.0;
-                    for m in 0..half {
-                        let (c, sn) = ((p * inv_freq[m]).cos(), (p * inv_freq[m]).sin());
+                    for (m, f) in inv_freq.iter().enumerate().take(half) {
+                        let (c, sn) = ((p * f).cos(), (p * f).sin());
                         let (x1, x2) = (qa(i, m), qa(i, m + half));
                         let r1 = x1 * c - x2 * sn;
                         let r2 = x2 * c + x1 * sn;

@@ -192,9 +192,8 @@ pub fn build_samples(tok: &Tokenizer, docs: &[Document], opts: &NeedleOptions) -
         ids.extend(t3.iter().map(|&t| t as i64));
         assert_eq!(ids.len(), l);
         let mut targets = vec![IGNORE_INDEX; l];
-        for t in (l - 1 - answer_len)..(l - 1) {
-            targets[t] = ids[t + 1];
-        }
+        // Position t predicts token t + 1: only the answer tokens are scored.
+        targets[l - 1 - answer_len..l - 1].copy_from_slice(&ids[l - answer_len..]);
         out.push(NeedleSample { input_ids: ids, targets, needle, answer_len, depth, needle_at, document: doc_index });
     }
     Ok(out)

@@ -280,7 +280,7 @@ impl TrainConfig {
         if t.threads.is_some() && self.model.threads.is_some() {
             bail!("keys `train.threads` and `model.threads`: give only `model.threads`");
         }
-        if !(self.optim.lr > 0.0) {
+        if !(self.optim.lr.is_finite() && self.optim.lr > 0.0) {
             bail!("key `optim.lr`: {} must be > 0", self.optim.lr);
         }
         if !(0.0..=1.0).contains(&self.schedule.min_lr_ratio) {

@@ -117,7 +117,7 @@ impl AdamW {
                 }
                 let mut g = g.to_kind(Kind::Float);
                 if clip < 1.0 {
-                    g = g * clip;
+                    g *= clip;
                 }
                 let mut p = s.master.as_ref().map_or_else(|| s.param.shallow_clone(), |m| m.shallow_clone());
                 if s.decay && wd != 0.0 {

@@ -239,7 +239,7 @@ fn parse_depths(s: &str) -> Result<Vec<f64>> {
 }
 
 fn fmt_len(l: usize) -> String {
-    if l >= 1024 && l % 1024 == 0 {
+    if l >= 1024 && l.is_multiple_of(1024) {
         format!("{}K", l / 1024)
     } else {
         l.to_string()
