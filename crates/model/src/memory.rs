@@ -45,6 +45,24 @@ impl CausalLm {
         scale: f64,
         opts: MemoryOptions,
     ) -> StepLoss {
+        self.forward_backward_with(input_ids, position_ids, targets, scale, opts, &mut |_| {})
+    }
+
+    /// [`CausalLm::forward_backward`], calling `layer_done(i)` as soon as decoder layer `i`'s
+    /// parameter gradients are complete (last layer first). With layer checkpointing that is
+    /// right after its recomputed backward, which lets data parallelism start reducing those
+    /// gradients while the earlier layers are still being back-propagated; without it every
+    /// layer completes at the end of the one backward call. The embedding, final norm and LM
+    /// head are complete only when this returns.
+    pub fn forward_backward_with(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        targets: &Tensor,
+        scale: f64,
+        opts: MemoryOptions,
+        layer_done: &mut dyn FnMut(usize),
+    ) -> StepLoss {
         let pos = self.positions(position_ids);
         let windows = self.config.rope.row_windows(position_ids);
         // None: the whole micro-batch's scored positions in one piece.
@@ -55,7 +73,9 @@ impl CausalLm {
         let embedded = self.embed(input_ids);
         if !opts.checkpoint_layers {
             let hidden = self.norm.forward(&run_layers(embedded));
-            return StepLoss { loss: head(&hidden), windows };
+            let loss = head(&hidden);
+            (0..self.layers.len()).rev().for_each(&mut *layer_done);
+            return StepLoss { loss, windows };
         }
         // Forward without autograd, keeping each layer's input.
         let mut inputs = vec![embedded.detach()];
@@ -70,11 +90,12 @@ impl CausalLm {
         let loss = head(&self.norm.forward(&last));
         let mut grad = last.grad();
         // Backward through the layers, last first, recomputing each.
-        for (layer, x) in self.layers.iter().zip(inputs).rev() {
+        for (i, (layer, x)) in self.layers.iter().zip(inputs).enumerate().rev() {
             let x = x.set_requires_grad(true);
             let y = layer.forward(&x, &pos.cos, &pos.sin, &pos.plan);
             (y * &grad).sum(Kind::Float).backward();
             grad = x.grad();
+            layer_done(i);
         }
         (embedded * grad).sum(Kind::Float).backward();
         StepLoss { loss, windows }

@@ -7,6 +7,11 @@
 //! is ignored (and removed by the next save); a save that fails (a full disk, say) removes its
 //! `.tmp` folder itself. On resume, a checkpoint whose files do not match its manifest is
 //! skipped with a warning naming it.
+//!
+//! Data-parallel runs write one checkpoint together ([`Team`]): rank 0 makes the staging folder,
+//! every rank writes its part (rank 0 the weights, state and config; with ZeRO-1 each rank its
+//! optimizer shard), and only when every rank reports success does rank 0 fsync, write the
+//! manifest and rename. A rank that fails or dies leaves no visible checkpoint.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -33,6 +38,10 @@ pub mod files {
     pub const OPTIMIZER: &str = "optimizer.safetensors";
     /// AdamW step count and config.
     pub const OPTIMIZER_META: &str = "optimizer.json";
+    /// ZeRO-1: rank `r`'s optimizer state (its parameters' moments and masters).
+    pub fn optimizer_shard(rank: usize, world: usize) -> String {
+        format!("optimizer-rank-{rank:05}-of-{world:05}.safetensors")
+    }
     /// [`super::TrainerState`].
     pub const STATE: &str = "trainer_state.json";
     /// The run's resolved config.
@@ -57,22 +66,46 @@ pub struct Checkpoint {
     pub state: TrainerState,
 }
 
+/// The ranks writing one checkpoint together (see the module docs).
+pub trait Team {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// Whether this rank's optimizer holds only its ZeRO-1 share.
+    fn sharded_optimizer(&self) -> bool;
+    /// A collective: the ranks whose `ok` was false, the same list on every rank.
+    fn failed(&self, ok: bool, step: u64) -> Result<Vec<usize>>;
+}
+
 impl Checkpoint {
-    /// Write checkpoint `state.step` of `lm` and `opt` under `root`; returns its folder.
+    /// Write checkpoint `state.step` of `lm` and `opt` under `root`; returns its folder. With a
+    /// `team`, every rank calls this at the same step.
     pub fn save(
         root: &Path,
         cfg: &TrainConfig,
         lm: &LoadedModel,
         opt: &AdamW,
         state: &TrainerState,
+        team: Option<&dyn Team>,
     ) -> Result<PathBuf> {
         let bytes = Self::size_estimate(lm, opt);
-        save(root, state.step, bytes, |d| {
+        let (rank, world, sharded) = team.map_or((0, 1, false), |t| (t.rank(), t.world(), t.sharded_optimizer()));
+        save(root, state.step, bytes, team, |d| {
+            if sharded {
+                let (tensors, _) = opt.state();
+                Tensor::write_safetensors(&tensors, d.join(files::optimizer_shard(rank, world)))?;
+            }
+            if rank != 0 {
+                return Ok(());
+            }
             let named: Vec<(String, Tensor)> =
                 lm.vs.variables().into_iter().map(|(k, v)| (k, v.detach().to_device(Device::Cpu))).collect();
             Tensor::write_safetensors(&named, d.join(files::MODEL))?;
-            let (tensors, meta) = opt.state();
-            Tensor::write_safetensors(&tensors, d.join(files::OPTIMIZER))?;
+            let (tensors, mut meta) = opt.state();
+            if sharded {
+                meta["shards"] = json!(world);
+            } else {
+                Tensor::write_safetensors(&tensors, d.join(files::OPTIMIZER))?;
+            }
             fs::write(d.join(files::OPTIMIZER_META), serde_json::to_string_pretty(&meta)?)?;
             fs::write(d.join(files::STATE), serde_json::to_string_pretty(state)?)?;
             fs::write(d.join(files::CONFIG), toml::to_string(cfg)?)?;
@@ -96,12 +129,34 @@ impl Checkpoint {
         longmix_model::load::load_weights(&lm.vs, &self.dir)
     }
 
+    /// Restore `opt`'s parameters' state: from the whole-optimizer file, or from the ZeRO-1
+    /// shards of any world size (each shard holds whole parameters, so a rank keeps what it
+    /// owns now, whoever owned it before).
     pub fn load_optimizer(&self, opt: &mut AdamW) -> Result<()> {
-        let path = self.dir.join(files::OPTIMIZER);
-        let saved: BTreeMap<String, Tensor> = Tensor::read_safetensors(&path)
-            .with_context(|| format!("cannot read optimizer state {}", path.display()))?
-            .into_iter()
-            .collect();
+        let whole = self.dir.join(files::OPTIMIZER);
+        let paths = if whole.exists() {
+            vec![whole]
+        } else {
+            let mut shards: Vec<PathBuf> = fs::read_dir(&self.dir)?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("optimizer-rank-")))
+                .collect();
+            shards.sort();
+            if shards.is_empty() {
+                bail!("{} holds neither {} nor optimizer shards", self.dir.display(), files::OPTIMIZER);
+            }
+            shards
+        };
+        let wanted: std::collections::BTreeSet<&str> = opt.names().collect();
+        let keep = |key: &str| key.split_once('.').is_some_and(|(_, name)| wanted.contains(name));
+        let mut saved = BTreeMap::new();
+        for path in &paths {
+            let tensors = Tensor::read_safetensors(path)
+                .with_context(|| format!("cannot read optimizer state {}", path.display()))?;
+            saved.extend(tensors.into_iter().filter(|(k, _)| keep(k)));
+        }
+        let path = &paths[0];
         let meta_path = self.dir.join(files::OPTIMIZER_META);
         let meta: serde_json::Value = serde_json::from_str(&fs::read_to_string(&meta_path)?)
             .with_context(|| format!("{} is not valid JSON", meta_path.display()))?;
@@ -161,50 +216,94 @@ fn is_disk_full(e: &anyhow::Error) -> bool {
     io_full || text.contains("StorageFull") || text.contains("No space left on device")
 }
 
-/// Write checkpoint `step` under `root`: `fill` writes its files into the folder it is given;
-/// `bytes` is the expected size (for the message when the disk fills up). Returns the final
-/// folder. On failure nothing of this save is left behind.
-pub fn save(root: &Path, step: u64, bytes: u64, fill: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
-    fs::create_dir_all(root).with_context(|| format!("cannot create checkpoint folder {}", root.display()))?;
+/// Write checkpoint `step` under `root`: `fill` writes this rank's files into the folder it is
+/// given; `bytes` is the expected size (for the message when the disk fills up). Returns the
+/// final folder. On failure, on any rank, nothing of this save is left behind and every rank
+/// returns an error.
+pub fn save(
+    root: &Path,
+    step: u64,
+    bytes: u64,
+    team: Option<&dyn Team>,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    let lead = team.is_none_or(|t| t.rank() == 0);
     let tmp = root.join(format!(".{}.tmp", dir_name(step)));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp)?;
-    }
-    let written = write_folder(&tmp, step, fill);
-    if let Err(e) = written {
-        let _ = fs::remove_dir_all(&tmp);
-        if is_disk_full(&e) {
-            let free = free_bytes(root).map_or("unknown".into(), gb);
-            bail!(
-                "cannot save checkpoint step {step} in {}: the disk is full (the checkpoint needs about {}, {free} is free);                  the partial checkpoint was removed and the previous ones are intact. Free space, lower checkpoint.keep,                  or point checkpoint.dir elsewhere, then resume with --resume ({e})",
-                root.display(),
-                gb(bytes),
-            );
+    // Each phase ends with every rank learning whether any rank failed it.
+    let agree = |r: Result<()>, what: &str| -> Result<()> {
+        let Some(t) = team else { return r };
+        let failed = t.failed(r.is_ok(), step)?;
+        match r {
+            Err(e) => Err(e),
+            Ok(()) if failed.is_empty() => Ok(()),
+            Ok(()) => bail!(
+                "checkpoint step {step}: rank(s) {failed:?} could not {what}; it was not published and the previous \
+                 checkpoints are intact (see the log of those ranks)"
+            ),
         }
-        return Err(e.context(format!(
-            "cannot save checkpoint step {step} in {}; the partial checkpoint was removed",
-            root.display()
-        )));
+    };
+    let prepared = if lead { prepare(root, &tmp) } else { Ok(()) };
+    agree(prepared, "prepare the staging folder")?;
+    let written = agree(fill(&tmp), "write their part");
+    let sealed = written.and_then(|()| if lead { seal(root, &tmp, step) } else { Ok(root.join(dir_name(step))) });
+    let sealed = match sealed {
+        Ok(dst) => agree(Ok(()), "publish").map(|()| dst),
+        Err(e) => {
+            if lead {
+                let _ = fs::remove_dir_all(&tmp);
+            }
+            let _ = team.map(|t| t.failed(false, step));
+            Err(e)
+        }
+    };
+    sealed.map_err(|e| {
+        if !is_disk_full(&e) {
+            return e.context(format!(
+                "cannot save checkpoint step {step} in {}; the partial checkpoint was removed",
+                root.display()
+            ));
+        }
+        let free = free_bytes(root).map_or("unknown".into(), gb);
+        anyhow::anyhow!(
+            "cannot save checkpoint step {step} in {}: the disk is full (the checkpoint needs about {}, {free} is \
+             free); the partial checkpoint was removed and the previous ones are intact. Free space, lower \
+             checkpoint.keep, or point checkpoint.dir elsewhere, then resume with --resume ({e:#})",
+            root.display(),
+            gb(bytes),
+        )
+    })
+}
+
+/// Make an empty staging folder (a stale one from a crash is removed first).
+fn prepare(root: &Path, tmp: &Path) -> Result<()> {
+    fs::create_dir_all(root).with_context(|| format!("cannot create checkpoint folder {}", root.display()))?;
+    if tmp.exists() {
+        fs::remove_dir_all(tmp)?;
     }
+    fs::create_dir(tmp)?;
+    Ok(())
+}
+
+/// fsync every file of the filled `tmp`, write the manifest, rename into place.
+fn seal(root: &Path, tmp: &Path, step: u64) -> Result<PathBuf> {
+    write_manifest(tmp, step)?;
     let dst = root.join(dir_name(step));
     if dst.exists() {
         // Re-saving a step (e.g. a signal right after a periodic save): the old copy is only
         // removed once the new one is complete.
         let old = root.join(format!(".{}.old", dir_name(step)));
         fs::rename(&dst, &old)?;
-        fs::rename(&tmp, &dst)?;
+        fs::rename(tmp, &dst)?;
         fs::remove_dir_all(&old)?;
     } else {
-        fs::rename(&tmp, &dst)?;
+        fs::rename(tmp, &dst)?;
     }
     fsync_dir(root)?;
     Ok(dst)
 }
 
-/// Fill `tmp`, fsync every file, write the manifest last.
-fn write_folder(tmp: &Path, step: u64, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    fs::create_dir(tmp)?;
-    fill(tmp)?;
+/// fsync every file of `tmp` (whichever rank wrote it), then write the manifest.
+fn write_manifest(tmp: &Path, step: u64) -> Result<()> {
     let mut files = serde_json::Map::new();
     let mut names: Vec<_> = fs::read_dir(tmp)?.collect::<std::io::Result<Vec<_>>>()?;
     names.sort_by_key(|e| e.file_name());
@@ -286,7 +385,7 @@ mod tests {
     fn save_list_verify_prune() {
         let root = tempfile::tempdir().unwrap();
         for step in [10, 20, 30] {
-            save(root.path(), step, 16, |d| write(d, "w.bin", &[step as u8; 16])).unwrap();
+            save(root.path(), step, 16, None, |d| write(d, "w.bin", &[step as u8; 16])).unwrap();
         }
         assert_eq!(list(root.path()).iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![10, 20, 30]);
         prune(root.path(), 2).unwrap();
@@ -297,8 +396,8 @@ mod tests {
     #[test]
     fn a_failed_save_leaves_the_previous_checkpoint_as_latest() {
         let root = tempfile::tempdir().unwrap();
-        save(root.path(), 1, 4, |d| write(d, "w.bin", b"good")).unwrap();
-        let err = save(root.path(), 2, 4, |d| {
+        save(root.path(), 1, 4, None, |d| write(d, "w.bin", b"good")).unwrap();
+        let err = save(root.path(), 2, 4, None, |d| {
             write(d, "w.bin", b"half")?;
             bail!("killed mid-save")
         });
@@ -311,8 +410,8 @@ mod tests {
     #[test]
     fn a_full_disk_is_named_and_cleaned_up() {
         let root = tempfile::tempdir().unwrap();
-        save(root.path(), 1, 4, |d| write(d, "w.bin", b"good")).unwrap();
-        let e = save(root.path(), 2, 7_000_000_000, |d| {
+        save(root.path(), 1, 4, None, |d| write(d, "w.bin", b"good")).unwrap();
+        let e = save(root.path(), 2, 7_000_000_000, None, |d| {
             write(d, "w.bin", b"partial")?;
             Err(std::io::Error::from_raw_os_error(libc::ENOSPC)).context("writing w.bin")
         })
@@ -336,8 +435,8 @@ mod tests {
     #[test]
     fn a_truncated_checkpoint_is_skipped() {
         let root = tempfile::tempdir().unwrap();
-        save(root.path(), 1, 4, |d| write(d, "w.bin", b"good")).unwrap();
-        let two = save(root.path(), 2, 9, |d| write(d, "w.bin", b"also good")).unwrap();
+        save(root.path(), 1, 4, None, |d| write(d, "w.bin", b"good")).unwrap();
+        let two = save(root.path(), 2, 9, None, |d| write(d, "w.bin", b"also good")).unwrap();
         fs::write(two.join("w.bin"), b"trunc").unwrap();
         assert!(verify(&two).unwrap_err().to_string().contains("w.bin is 5 bytes"));
         assert_eq!(latest_valid(root.path()).unwrap(), root.path().join("step-00000001"));

@@ -30,6 +30,8 @@ pub struct TrainConfig {
     pub eval: EvalSection,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub distributed: DistributedSection,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,9 +100,14 @@ pub struct TrainSection {
     /// Rows per forward/backward.
     #[serde(default = "default_one")]
     pub micro_batch_rows: usize,
-    /// Micro-batches per optimizer step.
+    /// Micro-batches per optimizer step and rank.
     #[serde(default = "default_one")]
     pub grad_accum: usize,
+    /// Rows per optimizer step over all data-parallel ranks (default: micro_batch_rows x
+    /// grad_accum x world size). Fixing it keeps the run's numerics whatever the world size:
+    /// each rank then trains its share in micro-batches of `micro_batch_rows`.
+    #[serde(default)]
+    pub global_batch_rows: Option<usize>,
     #[serde(default)]
     pub seed: u64,
     /// Recompute each layer in the backward pass (less memory, about a third more compute).
@@ -172,6 +179,50 @@ impl Default for EvalSection {
     fn default() -> Self {
         EvalSection { every: 0, short_rows: 2, long_rows: 2 }
     }
+}
+
+/// `[distributed]`: how the ranks started by torchrun, SLURM or `launch/multi.sh` work together
+/// (a run started as one plain process ignores it). See docs/distributed.md.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistributedSection {
+    /// "auto" (nccl on CUDA, gloo on CPU), "gloo" or "nccl".
+    #[serde(default = "default_backend")]
+    pub backend: String,
+    /// Seconds a collective waits for the slowest rank before the run stops with an error
+    /// naming the ranks that did not answer.
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: u64,
+    /// Shard AdamW moments and float32 masters across ranks (ZeRO stage 1).
+    #[serde(default)]
+    pub zero1: bool,
+    /// Assign rows to ranks by estimated compute (linear + causal attention FLOPs) instead of
+    /// round-robin.
+    #[serde(default = "default_true")]
+    pub balance: bool,
+    /// Start reducing a layer's gradients as soon as its backward is done (needs
+    /// `train.checkpoint_layers`; otherwise the reduction follows the backward).
+    #[serde(default = "default_true")]
+    pub overlap: bool,
+    /// Gradient bucket size in MB (float32).
+    #[serde(default = "default_bucket_mb")]
+    pub bucket_mb: f64,
+}
+
+impl Default for DistributedSection {
+    fn default() -> Self {
+        toml::from_str("").unwrap()
+    }
+}
+
+fn default_backend() -> String {
+    "auto".into()
+}
+fn default_timeout_s() -> u64 {
+    600
+}
+fn default_bucket_mb() -> f64 {
+    25.0
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -274,6 +325,27 @@ impl TrainConfig {
         if t.micro_batch_rows == 0 || t.grad_accum == 0 {
             bail!("keys `train.micro_batch_rows` and `train.grad_accum` must be >= 1");
         }
+        if let Some(g) = t.global_batch_rows {
+            if g == 0 {
+                bail!("key `train.global_batch_rows`: must be >= 1");
+            }
+            if t.grad_accum != 1 {
+                bail!(
+                    "keys `train.global_batch_rows` and `train.grad_accum`: give one (with a global batch each rank \
+                     accumulates its share in micro-batches of `train.micro_batch_rows`)"
+                );
+            }
+        }
+        let d = &self.distributed;
+        if !matches!(d.backend.as_str(), "auto" | "gloo" | "nccl") {
+            bail!("key `distributed.backend`: {:?} is not one of auto, gloo, nccl", d.backend);
+        }
+        if d.timeout_s == 0 {
+            bail!("key `distributed.timeout_s`: must be >= 1");
+        }
+        if !(d.bucket_mb.is_finite() && d.bucket_mb > 0.0) {
+            bail!("key `distributed.bucket_mb`: {} must be > 0", d.bucket_mb);
+        }
         if t.loss_chunk < 0 {
             bail!("key `train.loss_chunk`: {} must be >= 0 (0 = no chunking)", t.loss_chunk);
         }
@@ -289,14 +361,20 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// Tokens per optimizer step on one rank.
-    pub fn tokens_per_step(&self) -> u64 {
-        (self.train.seq_len * self.train.micro_batch_rows * self.train.grad_accum) as u64
+    /// Rows per optimizer step over all `world` data-parallel ranks.
+    pub fn rows_per_step(&self, world: usize) -> usize {
+        let t = &self.train;
+        t.global_batch_rows.unwrap_or(t.micro_batch_rows * t.grad_accum * world)
+    }
+
+    /// Tokens per optimizer step over all `world` ranks.
+    pub fn tokens_per_step(&self, world: usize) -> u64 {
+        (self.train.seq_len * self.rows_per_step(world)) as u64
     }
 
     /// Optimizer steps of the run (with `world` data-parallel ranks).
-    pub fn total_steps(&self, world: u64) -> u64 {
-        self.train.steps.unwrap_or_else(|| self.train.tokens.unwrap().div_ceil(self.tokens_per_step() * world))
+    pub fn total_steps(&self, world: usize) -> u64 {
+        self.train.steps.unwrap_or_else(|| self.train.tokens.unwrap().div_ceil(self.tokens_per_step(world)))
     }
 
     pub fn metrics_path(&self) -> PathBuf {

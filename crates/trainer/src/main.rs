@@ -4,6 +4,7 @@ mod checkpoint;
 mod cmd;
 mod config;
 mod device;
+mod distributed;
 mod metrics;
 mod optim;
 mod schedule;

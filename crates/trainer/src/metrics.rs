@@ -72,12 +72,22 @@ impl Metrics {
 
     /// One optimizer step's line.
     pub fn step(&mut self, s: &StepStats) -> Result<()> {
-        self.write(json!({
+        let mut line = json!({
             "event": "step", "step": s.step, "loss": s.loss, "loss_short": s.loss_short, "loss_long": s.loss_long,
             "rows_short": s.rows_short, "rows_long": s.rows_long, "window_mismatches": s.window_mismatches,
             "lr": s.lr, "grad_norm": s.grad_norm, "tokens_per_s": s.tokens as f64 / s.seconds, "step_s": s.seconds,
             "tokens_seen": s.tokens_seen, "peak_rss_mb": peak_rss_mb(),
-        }))
+            "compute_s": s.compute_s, "comm_wait_s": s.comm_wait_s,
+        });
+        if !s.rank_compute_s.is_empty() {
+            // Idle time of each rank: how long it waited for the slowest one's compute.
+            let slowest = s.rank_compute_s.iter().cloned().fold(0.0, f64::max);
+            let idle: Vec<f64> = s.rank_compute_s.iter().map(|c| slowest - c).collect();
+            line["rank_compute_s"] = json!(s.rank_compute_s);
+            line["rank_wait_s"] = json!(s.rank_wait_s);
+            line["rank_idle_s"] = json!(idle);
+        }
+        self.write(line)
     }
 
     /// Something a person should look at (e.g. a collapsed gradient), with the step it concerns.

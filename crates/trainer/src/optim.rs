@@ -54,6 +54,31 @@ impl Default for AdamWConfig {
     }
 }
 
+/// Global L2 norm of the gradients of `params` (float32, in the given order, so ranks holding
+/// the same gradients get the same bits), computed before any clipping.
+pub fn grad_norm<'a>(params: impl IntoIterator<Item = &'a Tensor>) -> f64 {
+    let sq: Vec<Tensor> = params
+        .into_iter()
+        .map(|p| p.grad())
+        .filter(|g| g.defined())
+        .map(|g| g.to_kind(Kind::Float).pow_tensor_scalar(2).sum(Kind::Float))
+        .collect();
+    if sq.is_empty() {
+        return 0.0;
+    }
+    Tensor::stack(&sq, 0).sum(Kind::Float).sqrt().double_value(&[])
+}
+
+/// Clear the gradients of `params`.
+pub fn zero_grad<'a>(params: impl IntoIterator<Item = &'a Tensor>) {
+    for p in params {
+        let mut g = p.grad();
+        if g.defined() {
+            let _ = g.detach_().zero_();
+        }
+    }
+}
+
 struct Slot {
     param: Tensor,
     master: Option<Tensor>,
@@ -86,22 +111,9 @@ impl AdamW {
         AdamW { config, slots, step: 0 }
     }
 
-    /// Global L2 norm of all gradients (float32), computed before any clipping.
-    pub fn grad_norm(&self) -> f64 {
-        let sq: Vec<Tensor> = self
-            .slots
-            .values()
-            .filter(|s| s.param.grad().defined())
-            .map(|s| s.param.grad().to_kind(Kind::Float).pow_tensor_scalar(2).sum(Kind::Float))
-            .collect();
-        if sq.is_empty() {
-            return 0.0;
-        }
-        Tensor::stack(&sq, 0).sum(Kind::Float).sqrt().double_value(&[])
-    }
-
     /// One update at learning rate `lr`, given the gradient norm before clipping
-    /// ([`AdamW::grad_norm`], which the caller checks first).
+    /// ([`grad_norm`] over every parameter of the model, which the caller checks first). Only
+    /// this optimizer's parameters change: all of them, or a ZeRO-1 rank's share.
     pub fn step(&mut self, lr: f64, norm: f64) {
         let clip = if self.config.grad_clip > 0.0 { (self.config.grad_clip / (norm + 1e-6)).min(1.0) } else { 1.0 };
         self.step += 1;
@@ -132,16 +144,6 @@ impl AdamW {
                 }
             }
         });
-    }
-
-    /// Clear every gradient.
-    pub fn zero_grad(&mut self) {
-        for s in self.slots.values_mut() {
-            let mut g = s.param.grad();
-            if g.defined() {
-                let _ = g.detach_().zero_();
-            }
-        }
     }
 
     /// Moments and masters as named CPU tensors, and the step count with the config (what a
@@ -187,6 +189,16 @@ impl AdamW {
         })?;
         self.step = meta["step"].as_u64().context("the optimizer state lacks its step count")?;
         Ok(())
+    }
+
+    /// The parameters this optimizer updates, by name.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.slots.keys().map(String::as_str)
+    }
+
+    /// Parameter elements this optimizer holds state for.
+    pub fn elements(&self) -> u64 {
+        self.slots.values().map(|s| s.m.numel() as u64).sum()
     }
 
     /// Bytes of optimizer state per parameter element (two float32 moments, plus a float32

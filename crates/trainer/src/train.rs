@@ -11,9 +11,15 @@
 //! * [`Trainer::save_checkpoint`] and [`Trainer::export`];
 //! * [`run`]: the loop (progress, metrics, periodic eval and checkpoints, signals, finish).
 //!
+//! Data parallelism wraps the step (see `distributed.rs`): every rank plans the same global
+//! batch of rows, trains its share, and the gradients are summed over the ranks while the
+//! backward runs; the loss is normalised by the target tokens of the whole global step, so
+//! N ranks compute what one process would with the same global batch.
+//!
 //! Short rows (documents <= L0) run with the short factors, long rows with the long factors;
 //! the model decides per row from its positions and reports the window it used.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -22,13 +28,15 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use longmix_data::{DataConfig, Loader, Prefetcher, Row};
 use longmix_model::{export_hf, load_model, ExportOptions, Extension, LoadedModel, MemoryOptions, StepLoss, Window};
+use longmix_torch_ext::c10d::ReduceOp;
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::{self, Checkpoint, TrainerState};
+use crate::checkpoint::{self, Checkpoint, Team, TrainerState};
 use crate::config::TrainConfig;
 use crate::device::{parse_device, parse_dtype};
+use crate::distributed::{self, Dist, GradSync, Launch};
 use crate::metrics::{peak_rss_mb, Metrics};
-use crate::optim::AdamW;
+use crate::optim::{self, AdamW};
 use crate::schedule::Schedule;
 
 #[derive(clap::Args)]
@@ -39,7 +47,9 @@ pub struct Args {
     /// Validate everything and print the plan without training.
     #[arg(long)]
     pub dry_run: bool,
-    /// Resume from the newest valid checkpoint (`--resume`) or from a given one (`--resume DIR`).
+    /// Resume from the newest valid checkpoint (`--resume`), from a given one (`--resume DIR`),
+    /// or, with `--resume auto`, from the newest one if there is one and fresh otherwise (what
+    /// `torchrun --max-restarts` and SLURM `--requeue` need).
     #[arg(long, num_args = 0..=1, default_missing_value = "latest")]
     pub resume: Option<String>,
     /// Stop (with a checkpoint) after this many steps of this invocation.
@@ -68,6 +78,16 @@ pub struct StepStats {
     pub tokens: u64,
     pub tokens_seen: u64,
     pub seconds: f64,
+    /// This rank's forward + backward time.
+    pub compute_s: f64,
+    /// This rank's wait for the gradient reduction after its backward (unhidden
+    /// communication plus waiting for slower ranks).
+    pub comm_wait_s: f64,
+    /// Per rank (data parallel only): forward + backward seconds and reduction wait seconds.
+    pub rank_compute_s: Vec<f64>,
+    pub rank_wait_s: Vec<f64>,
+    /// Whether any rank was asked to stop (SIGINT/SIGTERM); all ranks stop at the same step.
+    pub stop_requested: bool,
 }
 
 /// Held-out mean NLL of the short and of the long rows (None for a kind without rows).
@@ -89,6 +109,30 @@ pub struct Trainer {
     pub total_steps: u64,
     eval_short: Vec<Row>,
     eval_long: Vec<Row>,
+    /// Every parameter, sorted by name (the order all ranks share).
+    params: Vec<(String, Tensor)>,
+    /// Data parallelism (None for a single process).
+    pub dist: Option<Dist>,
+    sync: Option<GradSync>,
+    /// ZeRO-1: the rank updating each parameter.
+    owner: Option<BTreeMap<String, usize>>,
+    /// (parameters, layers, hidden size) for [`distributed::row_cost`].
+    cost_model: (f64, f64, f64),
+}
+
+impl Team for Dist {
+    fn rank(&self) -> usize {
+        Dist::rank(self)
+    }
+    fn world(&self) -> usize {
+        Dist::world(self)
+    }
+    fn sharded_optimizer(&self) -> bool {
+        self.cfg.zero1
+    }
+    fn failed(&self, ok: bool, step: u64) -> Result<Vec<usize>> {
+        self.failed_ranks(ok, step, "checkpoint agreement")
+    }
 }
 
 pub fn data_config(cfg: &TrainConfig, ext: &Extension, lm: &LoadedModel) -> DataConfig {
@@ -108,7 +152,7 @@ pub fn data_config(cfg: &TrainConfig, ext: &Extension, lm: &LoadedModel) -> Data
 }
 
 /// Rows -> `[B, T]` input, position and target tensors on `device`.
-fn batch(rows: &[Row], device: Device) -> (Tensor, Tensor, Tensor) {
+fn batch(rows: &[&Row], device: Device) -> (Tensor, Tensor, Tensor) {
     let stack = |f: fn(&Row) -> &Vec<i64>| {
         let parts: Vec<Tensor> = rows.iter().map(|r| Tensor::from_slice(f(r))).collect();
         Tensor::stack(&parts, 0).to_device(device)
@@ -125,7 +169,15 @@ fn eval_bar(rows: usize, hidden: bool) -> ProgressBar {
     bar
 }
 
-fn find_resume(cfg: &TrainConfig, arg: &str) -> Result<PathBuf> {
+/// The checkpoint `--resume ARG` names (None: `auto` with no checkpoint yet, start fresh).
+fn find_resume(cfg: &TrainConfig, arg: &str) -> Result<Option<PathBuf>> {
+    if arg == "auto" {
+        return Ok(checkpoint::latest_valid(&cfg.checkpoint.dir));
+    }
+    find_named(cfg, arg).map(Some)
+}
+
+fn find_named(cfg: &TrainConfig, arg: &str) -> Result<PathBuf> {
     if arg == "latest" {
         return checkpoint::latest_valid(&cfg.checkpoint.dir).ok_or_else(|| {
             anyhow::anyhow!(
@@ -140,20 +192,60 @@ fn find_resume(cfg: &TrainConfig, arg: &str) -> Result<PathBuf> {
 }
 
 impl Trainer {
-    /// Everything before the first step: model, extension, data, optimizer, resumed state.
-    /// Returns the trainer and its data loader (positioned after the last trained row).
-    pub fn setup(cfg: TrainConfig, resume: Option<&str>) -> Result<(Trainer, Loader)> {
-        if let Some(n) = cfg.model.threads {
-            tch::set_num_threads(n);
+    /// Everything before the first step: process group, model, extension, data, optimizer,
+    /// resumed state. Returns the trainer and its data loader (positioned after the last
+    /// trained row of the global row stream, which every rank reads whole).
+    pub fn setup(cfg: TrainConfig, resume: Option<&str>, launch: Option<Launch>) -> Result<(Trainer, Loader)> {
+        match (cfg.model.threads, &launch) {
+            (Some(n), _) => tch::set_num_threads(n),
+            // Several ranks on one machine: share the cores instead of each spinning on all
+            // of them (OMP_NUM_THREADS, which torchrun sets, is LibTorch's own default).
+            (None, Some(l)) if std::env::var_os("OMP_NUM_THREADS").is_none() => {
+                let local = std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.parse().ok()).unwrap_or(l.world_size);
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                tch::set_num_threads((cores / local.max(1)).max(1) as i32);
+            }
+            _ => {}
         }
         tch::manual_seed(cfg.train.seed as i64);
-        let device = parse_device(&cfg.model.device).context("key `model.device`")?;
+        let mut device = parse_device(&cfg.model.device).context("key `model.device`")?;
+        if let (Some(l), Device::Cuda(_)) = (&launch, device) {
+            // One GPU per rank: LOCAL_RANK's.
+            device = Device::Cuda(l.local_rank);
+        }
         let kind = parse_dtype(&cfg.model.dtype).context("key `model.dtype`")?;
+        let dist = launch.as_ref().map(|l| Dist::init(l, &cfg.distributed, device)).transpose()?;
+        let world = dist.as_ref().map_or(1, |d| d.world());
+        if cfg.rows_per_step(world) < world {
+            bail!(
+                "key `train.global_batch_rows`: {} rows per step cannot give each of {world} ranks a row; use at least {world}",
+                cfg.rows_per_step(world)
+            );
+        }
 
         // Weights load in float32 (the optimizer's masters); the model then computes in `kind`.
         let mut lm = load_model(&cfg.model.path, Kind::Float, device)?;
-        let resumed = resume.map(|a| find_resume(&cfg, a)).transpose()?.map(|d| Checkpoint::load(&d)).transpose()?;
-        if resumed.is_none() && !checkpoint::list(&cfg.checkpoint.dir).is_empty() {
+        let resumed = match resume {
+            Some(a) => find_resume(&cfg, a)?.map(|d| Checkpoint::load(&d)).transpose()?,
+            None => None,
+        };
+        if let Some(d) = &dist {
+            // Every rank must resume the same step (a checkpoint folder not shared by all ranks
+            // would make them disagree).
+            let step = resumed.as_ref().map_or(-1.0, |c| c.state.step as f64);
+            let mut v = [step, -step];
+            d.reduce_f64(&mut v, ReduceOp::Max, 0, "agreement on the checkpoint to resume")?;
+            if v[0] != step || -v[1] != step {
+                bail!(
+                    "rank {}: the ranks found different checkpoints to resume (this one {step}, newest {}, oldest {}): \
+                     checkpoint.dir must be one folder shared by every rank",
+                    d.rank(),
+                    v[0],
+                    -v[1]
+                );
+            }
+        }
+        if resumed.is_none() && !checkpoint::list(&cfg.checkpoint.dir).is_empty() && resume != Some("auto") {
             bail!(
                 "{} already holds checkpoints: pass --resume to continue that run, or set checkpoint.dir to a new folder",
                 cfg.checkpoint.dir.display()
@@ -188,15 +280,32 @@ impl Trainer {
             );
         }
         let dcfg = data_config(&cfg, &extension, &lm);
+        if let Some(d) = &dist {
+            // Rank 0 tokenizes a missing cache; the others then open it.
+            let ok = d.rank() != 0 || longmix_data::prepare_cache(&dcfg, &tok_path, &cfg.data.cache_dir).is_ok();
+            let failed = d.failed_ranks(ok, 0, "data cache preparation")?;
+            if !failed.is_empty() && d.rank() != 0 {
+                bail!("rank 0 could not prepare the data cache (see its log)");
+            }
+        }
         let loader = match &resumed {
             Some(c) => Loader::restore(dcfg, &tok_path, &cfg.data.cache_dir, 0, 1, c.state.loader.clone())?,
             None => Loader::new(dcfg, &tok_path, &cfg.data.cache_dir, 0, 1)?,
         };
-        let total_steps = cfg.total_steps(1);
+        let total_steps = cfg.total_steps(world);
         let eval_short = loader.eval_rows(Window::Short, cfg.eval.short_rows).unwrap_or_default();
         let eval_long = loader.eval_rows(Window::Long, cfg.eval.long_rows).unwrap_or_default();
-        let mut opt = AdamW::new(cfg.optim.clone(), lm.vs.variables().into_iter().collect(), kind);
+        let mut params: Vec<(String, Tensor)> = lm.vs.variables().into_iter().collect();
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        let owner = dist.as_ref().filter(|d| d.cfg.zero1).map(|d| distributed::owners(&params, d.world()));
+        let mine: BTreeMap<String, Tensor> = params
+            .iter()
+            .filter(|(n, _)| owner.as_ref().is_none_or(|o| Some(&o[n]) == dist.as_ref().map(|d| d.rank()).as_ref()))
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        let mut opt = AdamW::new(cfg.optim.clone(), mine, kind);
         lm.vs.set_kind(kind);
+        let sync = dist.as_ref().map(|d| GradSync::new(&params, (d.cfg.bucket_mb * 1e6) as usize));
         let mut state = TrainerState { step: 0, tokens_seen: 0, loader: loader.state(), rope: extension.clone() };
         if let Some(c) = resumed {
             c.load_weights(&lm)?;
@@ -215,41 +324,131 @@ impl Trainer {
             checkpoint_layers: cfg.train.checkpoint_layers,
             loss_chunk: (cfg.train.loss_chunk > 0).then_some(cfg.train.loss_chunk),
         };
-        let trainer =
-            Trainer { cfg, lm, extension, opt, schedule, mem, device, state, total_steps, eval_short, eval_long };
+        let c = &lm.model.config;
+        let n_params: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
+        let cost_model = (n_params as f64, c.num_hidden_layers as f64, c.hidden_size as f64);
+        let trainer = Trainer {
+            cfg,
+            lm,
+            extension,
+            opt,
+            schedule,
+            mem,
+            device,
+            state,
+            total_steps,
+            eval_short,
+            eval_long,
+            params,
+            dist,
+            sync,
+            owner,
+            cost_model,
+        };
+        trainer.check_ranks_agree("set-up")?;
         Ok((trainer, loader))
     }
 
-    /// Forward and backward of one micro-batch: accumulates the gradient of `scale * summed NLL`.
-    pub fn forward_backward_step(&self, rows: &[Row], scale: f64) -> StepLoss {
-        let (ids, pos, tgt) = batch(rows, self.device);
-        self.lm.model.forward_backward(&ids, &pos, &tgt, scale, self.mem)
+    fn world(&self) -> usize {
+        self.dist.as_ref().map_or(1, |d| d.world())
     }
 
-    /// One optimizer step over `rows` (`micro_batch_rows * grad_accum` of them). The loss is the
-    /// mean over all target tokens of the step. A non-finite loss or gradient stops the run
-    /// before the weights change, so the last checkpoint stays the latest good one.
-    pub fn train_step(&mut self, rows: &[Row]) -> Result<StepStats> {
+    /// Whether this process prints, writes metrics and exports (rank 0, or the only process).
+    pub fn is_main(&self) -> bool {
+        self.dist.as_ref().is_none_or(|d| d.rank() == 0)
+    }
+
+    /// Data parallel: fail unless every rank holds bitwise the same parameters (an exact
+    /// fingerprint, compared with one small all-reduce).
+    pub fn check_ranks_agree(&self, when: &str) -> Result<()> {
+        let Some(d) = &self.dist else { return Ok(()) };
+        let fp = (distributed::fingerprint(&self.params) & ((1 << 52) - 1)) as f64;
+        let mut v = [fp, -fp];
+        d.reduce_f64(&mut v, ReduceOp::Max, self.state.step, "parameter agreement check")?;
+        if v[0] != fp || -v[1] != fp {
+            bail!(
+                "rank {} at step {} ({when}): the ranks hold different parameters (fingerprints {} .. {}); the model \
+                 files or checkpoint differ between ranks, or a collective misbehaved",
+                d.rank(),
+                self.state.step,
+                -v[1],
+                v[0]
+            );
+        }
+        Ok(())
+    }
+
+    /// Forward and backward of one micro-batch: accumulates the gradient of `scale * summed NLL`,
+    /// calling `layer_done(i)` when decoder layer `i`'s gradients are complete.
+    pub fn forward_backward_step(&self, rows: &[&Row], scale: f64, layer_done: &mut dyn FnMut(usize)) -> StepLoss {
+        let (ids, pos, tgt) = batch(rows, self.device);
+        self.lm.model.forward_backward_with(&ids, &pos, &tgt, scale, self.mem, layer_done)
+    }
+
+    /// This rank's rows of a global batch (all of them for a single process).
+    fn my_rows<'r>(&self, rows: &'r [Row]) -> Vec<&'r Row> {
+        let Some(d) = &self.dist else { return rows.iter().collect() };
+        let (n, layers, hidden) = self.cost_model;
+        let costs: Vec<f64> = rows.iter().map(|r| distributed::row_cost(r, n, layers, hidden)).collect();
+        let shares = distributed::assign_rows(&costs, d.world(), d.cfg.balance);
+        shares[d.rank()].iter().map(|&i| &rows[i]).collect()
+    }
+
+    /// One optimizer step over the global batch `rows` (this rank trains its share). The loss
+    /// is the mean over all target tokens of the global step. A non-finite loss or gradient
+    /// stops the run (on every rank) before the weights change, so the last checkpoint stays
+    /// the latest good one. `stop` is this rank's stop request, agreed on with the others.
+    pub fn train_step(&mut self, rows: &[Row], stop: bool) -> Result<StepStats> {
         let t0 = Instant::now();
         let step = self.state.step + 1;
         let step_targets: usize = rows.iter().map(|r| r.n_targets).sum();
         let scale = 1.0 / step_targets.max(1) as f64;
-        self.opt.zero_grad();
-        let mut by_window = [(0.0f64, 0i64, 0usize); 2];
-        let mut mismatches = 0;
-        for mb in rows.chunks(self.cfg.train.micro_batch_rows) {
-            let out = self.forward_backward_step(mb, scale);
+        let mine = self.my_rows(rows);
+        optim::zero_grad(self.params.iter().map(|(_, t)| t));
+        // Per window: summed NLL, scored tokens, rows; then window mismatches.
+        let mut sums = [0.0f64; 7];
+        let micro: Vec<&[&Row]> = mine.chunks(self.cfg.train.micro_batch_rows).collect();
+        let overlap = self.dist.as_ref().is_some_and(|d| d.cfg.overlap);
+        let mut inflight = match (&self.sync, &self.dist) {
+            (Some(s), Some(d)) => Some(s.begin(&d.pg)),
+            _ => None,
+        };
+        for (k, mb) in micro.iter().enumerate() {
+            // The last micro-batch's gradients are final: reduce them layer by layer.
+            let out = match inflight.as_mut().filter(|_| overlap && k + 1 == micro.len()) {
+                Some(f) => self.forward_backward_step(mb, scale, &mut |i| f.layer_done(i)),
+                None => self.forward_backward_step(mb, scale, &mut |_| {}),
+            };
             for (i, w) in out.windows.iter().enumerate() {
-                let k = &mut by_window[(*w == Window::Long) as usize];
-                k.0 += out.loss.row_nll[i];
-                k.1 += out.loss.row_tokens[i];
-                k.2 += 1;
-                mismatches += (mb[i].kind != *w) as usize;
+                let o = 3 * (*w == Window::Long) as usize;
+                sums[o] += out.loss.row_nll[i];
+                sums[o + 1] += out.loss.row_tokens[i] as f64;
+                sums[o + 2] += 1.0;
+                sums[6] += (mb[i].kind != *w) as usize as f64;
             }
         }
-        let nll: f64 = by_window.iter().map(|k| k.0).sum();
-        let loss = nll / step_targets.max(1) as f64;
-        let grad_norm = self.opt.grad_norm();
+        let compute_s = t0.elapsed().as_secs_f64();
+        let mut comm_wait_s = 0.0;
+        let (mut rank_compute_s, mut rank_wait_s, mut stop_requested) = (Vec::new(), Vec::new(), stop);
+        if let (Some(f), Some(d)) = (inflight, &self.dist) {
+            d.arrive(step);
+            let times = f.finish().map_err(|e| d.failure(step, "gradient all-reduce", e))?;
+            comm_wait_s = times.wait_s;
+            // Losses, counts, timings and stop requests of every rank in one reduction.
+            let w = d.world();
+            let mut v = vec![0.0; 8 + 2 * w];
+            v[..7].copy_from_slice(&sums);
+            v[7] = stop as u8 as f64;
+            v[8 + d.rank()] = compute_s;
+            v[8 + w + d.rank()] = comm_wait_s;
+            d.reduce_f64(&mut v, ReduceOp::Sum, step, "step statistics reduction")?;
+            sums.copy_from_slice(&v[..7]);
+            stop_requested = v[7] > 0.0;
+            rank_compute_s = v[8..8 + w].to_vec();
+            rank_wait_s = v[8 + w..].to_vec();
+        }
+        let loss = (sums[0] + sums[3]) / step_targets.max(1) as f64;
+        let grad_norm = optim::grad_norm(self.params.iter().map(|(_, t)| t));
         if !loss.is_finite() || !grad_norm.is_finite() {
             bail!(
                 "step {step}: the loss is {loss} and the gradient norm {grad_norm}: training diverged. Nothing was saved or \
@@ -259,23 +458,32 @@ impl Trainer {
         }
         let lr = self.schedule.lr(self.state.step);
         self.opt.step(lr, grad_norm);
+        if let (Some(owner), Some(d)) = (&self.owner, &self.dist) {
+            distributed::broadcast_owned(&d.pg, &self.params, owner)
+                .map_err(|e| d.failure(step, "ZeRO-1 parameter broadcast", e))?;
+        }
         self.state.step = step;
         let tokens = (rows.len() * self.cfg.train.seq_len) as u64;
         self.state.tokens_seen += tokens;
-        let kind_loss = |k: usize| (by_window[k].1 > 0).then(|| by_window[k].0 / by_window[k].1 as f64);
+        let kind_loss = |o: usize| (sums[o + 1] > 0.0).then(|| sums[o] / sums[o + 1]);
         Ok(StepStats {
             step,
             loss,
             loss_short: kind_loss(0),
-            loss_long: kind_loss(1),
-            rows_short: by_window[0].2,
-            rows_long: by_window[1].2,
-            window_mismatches: mismatches,
+            loss_long: kind_loss(3),
+            rows_short: sums[2] as usize,
+            rows_long: sums[5] as usize,
+            window_mismatches: sums[6] as usize,
             lr,
             grad_norm,
             tokens,
             tokens_seen: self.state.tokens_seen,
             seconds: t0.elapsed().as_secs_f64(),
+            compute_s,
+            comm_wait_s,
+            rank_compute_s,
+            rank_wait_s,
+            stop_requested,
         })
     }
 
@@ -299,34 +507,45 @@ impl Trainer {
         ))
     }
 
-    /// Held-out mean NLL of the short and the long eval rows; `bar` counts rows (a long row's
-    /// forward takes a minute on a small CPU).
-    pub fn evaluate(&self, bar: &ProgressBar) -> HeldOut {
-        let loss = |rows: &[Row]| {
-            if rows.is_empty() {
-                return None;
-            }
+    /// Held-out mean NLL of the short and the long eval rows (shared out over the ranks);
+    /// `bar` counts this rank's rows (a long row's forward takes a minute on a small CPU).
+    pub fn evaluate(&self, bar: &ProgressBar) -> Result<HeldOut> {
+        let (rank, world) = self.dist.as_ref().map_or((0, 1), |d| (d.rank(), d.world()));
+        let sums = |rows: &[Row]| {
             let (mut nll, mut n) = (0.0, 0);
-            for r in rows {
-                let (ids, pos, tgt) = batch(std::slice::from_ref(r), self.device);
+            for r in rows.iter().skip(rank).step_by(world) {
+                let (ids, pos, tgt) = batch(&[r], self.device);
                 let l = self.lm.model.nll(&ids, &pos, &tgt);
                 nll += l.sum();
                 n += l.tokens();
                 bar.inc(1);
             }
-            Some(nll / n.max(1) as f64)
+            (nll, n as f64)
         };
-        HeldOut { short: loss(&self.eval_short), long: loss(&self.eval_long) }
+        let (s, l) = (sums(&self.eval_short), sums(&self.eval_long));
+        let mut v = [s.0, s.1, l.0, l.1];
+        if let Some(d) = &self.dist {
+            d.reduce_f64(&mut v, ReduceOp::Sum, self.state.step, "held-out evaluation")?;
+        }
+        let mean = |rows: &[Row], nll: f64, n: f64| (!rows.is_empty()).then(|| nll / n.max(1.0));
+        Ok(HeldOut { short: mean(&self.eval_short, v[0], v[1]), long: mean(&self.eval_long, v[2], v[3]) })
     }
 
+    /// Rows this rank evaluates.
     pub fn eval_rows(&self) -> usize {
-        self.eval_short.len() + self.eval_long.len()
+        let (rank, world) = self.dist.as_ref().map_or((0, 1), |d| (d.rank(), d.world()));
+        let mine = |n: usize| (n + world - 1 - rank) / world;
+        mine(self.eval_short.len()) + mine(self.eval_long.len())
     }
 
-    /// Write a checkpoint of the current step and prune old ones.
+    /// Write a checkpoint of the current step (every rank together) and prune old ones.
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
-        let dir = Checkpoint::save(&self.cfg.checkpoint.dir, &self.cfg, &self.lm, &self.opt, &self.state)?;
-        checkpoint::prune(&self.cfg.checkpoint.dir, self.cfg.checkpoint.keep)?;
+        self.check_ranks_agree("checkpoint")?;
+        let team = self.dist.as_ref().map(|d| d as &dyn Team);
+        let dir = Checkpoint::save(&self.cfg.checkpoint.dir, &self.cfg, &self.lm, &self.opt, &self.state, team)?;
+        if self.is_main() {
+            checkpoint::prune(&self.cfg.checkpoint.dir, self.cfg.checkpoint.keep)?;
+        }
         Ok(dir)
     }
 
@@ -348,11 +567,13 @@ impl Trainer {
         let c = &lm.model.config;
         let params: i64 = lm.vs.variables().values().map(|t| t.numel() as i64).sum();
         let t = &cfg.train;
-        let rows = t.micro_batch_rows * t.grad_accum;
+        let world = self.world();
+        let rows = cfg.rows_per_step(world);
         let kind = parse_dtype(&cfg.model.dtype).unwrap_or(Kind::Float);
         let bytes = kind.elt_size_in_bytes() as f64;
-        // Weights + grads in the compute dtype, AdamW moments (+ masters unless f32) in float32.
-        let state_gb = params as f64 * (2.0 * bytes + self.opt.state_bytes_per_element() as f64) / 1e9;
+        // Weights + grads in the compute dtype, AdamW moments (+ masters unless f32) in float32
+        // for the parameters this rank updates (all of them, or its ZeRO-1 share).
+        let state_gb = (params as f64 * 2.0 * bytes + self.opt.elements() as f64 * self.opt.state_bytes_per_element() as f64) / 1e9;
         // Activations: with layer checkpointing one hidden state per layer plus one layer's
         // working set (~34 hidden-sized tensors); without, all layers' working sets.
         let tokens = (t.micro_batch_rows * t.seq_len) as f64;
@@ -385,8 +606,19 @@ impl Trainer {
             "  steps          {}, {rows} rows x {} tokens = {} tokens/step",
             self.total_steps,
             t.seq_len,
-            cfg.tokens_per_step()
+            cfg.tokens_per_step(world)
         );
+        if let Some(d) = &self.dist {
+            println!(
+                "  ranks          {world} ({:?} via {}), this one on {:?}; rows balanced by compute: {}, overlap: {}, ZeRO-1: {}",
+                d.pg.backend,
+                d.launch.launcher,
+                self.device,
+                d.cfg.balance,
+                d.cfg.overlap,
+                d.cfg.zero1
+            );
+        }
         println!(
             "  rows           {:.0}% short (documents <= {l0}), {:.0}% long",
             cfg.data.short_share * 100.0,
@@ -394,7 +626,8 @@ impl Trainer {
         );
         println!("  corpus         {} tokens in {} source(s)", loader.corpus().n_tokens(), loader.corpus().n_sources());
         println!(
-            "  memory (est.)  {state_gb:.2} GB weights+optimizer, {act_gb:.2} GB activations, {head_gb:.2} GB LM head"
+            "  memory (est.)  {state_gb:.2} GB weights+optimizer, {act_gb:.2} GB activations, {head_gb:.2} GB LM head{}",
+            if world > 1 { " (per rank)" } else { "" }
         );
         println!(
             "  checkpoints    {} every {} steps, keep {} (about {:.2} GB each)",
@@ -432,45 +665,61 @@ fn install_signal_handlers() {
     }
 }
 
+/// Log a warning (above the progress bar) and record it in the metrics.
+fn warn(metrics: &mut Option<Metrics>, step: u64, w: &str, bar: Option<&ProgressBar>) -> Result<()> {
+    match bar {
+        Some(b) => b.suspend(|| tracing::warn!("{w}")),
+        None => tracing::warn!("{w}"),
+    }
+    metrics.as_mut().map_or(Ok(()), |m| m.warning(step, w))
+}
+
 fn fmt_opt(x: Option<f64>) -> String {
     x.map_or("n/a".into(), |v| format!("{v:.4}"))
 }
 
 pub fn run(args: Args) -> Result<()> {
     let cfg = TrainConfig::read(&args.config)?;
-    let (mut t, loader) = Trainer::setup(cfg, args.resume.as_deref())?;
+    let launch = Launch::from_env()?;
+    let (mut t, loader) = Trainer::setup(cfg, args.resume.as_deref(), launch)?;
+    let main = t.is_main();
     if args.dry_run {
-        t.print_plan(&loader);
-        if let Some(w) = t.checkpoint_space_warning() {
-            println!("  warning        {w}");
+        if main {
+            t.print_plan(&loader);
+            if let Some(w) = t.checkpoint_space_warning() {
+                println!("  warning        {w}");
+            }
+            println!("dry run: configuration is valid");
         }
-        println!("dry run: configuration is valid");
         return Ok(());
     }
-    let mut metrics = match args.resume {
-        Some(_) => Metrics::resume(&t.cfg.metrics_path(), t.state.step)?,
-        None => Metrics::create(&t.cfg.metrics_path())?,
+    // Rank 0 alone writes metrics and shows progress.
+    let mut metrics = match (main, t.state.step) {
+        (false, _) => None,
+        (true, 0) => Some(Metrics::create(&t.cfg.metrics_path())?),
+        (true, step) => Some(Metrics::resume(&t.cfg.metrics_path(), step)?),
     };
-    if let Some(w) = t.checkpoint_space_warning() {
-        tracing::warn!("{w}");
-        metrics.warning(t.state.step, &w)?;
+    if let Some(w) = t.checkpoint_space_warning().filter(|_| main) {
+        warn(&mut metrics, t.state.step, &w, None)?;
     }
-    let no_progress = t.cfg.log.no_progress;
+    let hide = t.cfg.log.no_progress || !main;
     if t.state.step == 0 {
-        let bar = eval_bar(t.eval_rows(), no_progress);
-        let h = t.evaluate(&bar);
+        let bar = eval_bar(t.eval_rows(), hide);
+        let h = t.evaluate(&bar)?;
         bar.finish_and_clear();
-        metrics.eval(0, h.short, h.long)?;
-        println!("held-out loss before training: short {}  long {}", fmt_opt(h.short), fmt_opt(h.long));
+        if let Some(m) = metrics.as_mut() {
+            m.eval(0, h.short, h.long)?;
+            println!("held-out loss before training: short {}  long {}", fmt_opt(h.short), fmt_opt(h.long));
+        }
     }
 
     install_signal_handlers();
     let mut prefetch = Prefetcher::new(loader, t.cfg.data.prefetch);
-    let bar = if no_progress { ProgressBar::hidden() } else { ProgressBar::new(t.total_steps) };
+    let bar = if hide { ProgressBar::hidden() } else { ProgressBar::new(t.total_steps) };
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  eta {eta}").unwrap());
     bar.set_position(t.state.step);
     let run_start = t.state.step;
-    let rows_per_step = t.cfg.train.micro_batch_rows * t.cfg.train.grad_accum;
+    let rows_per_step = t.cfg.rows_per_step(t.world());
     while t.state.step < t.total_steps {
         let mut rows = Vec::with_capacity(rows_per_step);
         let mut loader_after = None;
@@ -479,20 +728,20 @@ pub fn run(args: Args) -> Result<()> {
             rows.push(row);
             loader_after = Some(after);
         }
-        let s = t.train_step(&rows)?;
+        let s = t.train_step(&rows, STOP.load(Ordering::SeqCst))?;
         t.state.loader = loader_after.expect("a step has rows");
-        metrics.step(&s)?;
+        if let Some(m) = metrics.as_mut() {
+            m.step(&s)?;
+        }
         if s.window_mismatches > 0 {
             let w = format!(
                 "step {}: {} row(s) were built for one RoPE window and run in the other (data l0 and model L0 disagree)",
                 s.step, s.window_mismatches
             );
-            bar.suspend(|| tracing::warn!("{w}"));
-            metrics.warning(s.step, &w)?;
+            warn(&mut metrics, s.step, &w, Some(&bar))?;
         }
-        if let Some(w) = t.collapse_warning(&s) {
-            bar.suspend(|| tracing::warn!("{w}"));
-            metrics.warning(s.step, &w)?;
+        if let Some(w) = t.collapse_warning(&s).filter(|_| main) {
+            warn(&mut metrics, s.step, &w, Some(&bar))?;
         }
         bar.set_message(format!(
             "loss {:.4}  {:.0} tok/s  peak RSS {:.0} MB",
@@ -503,29 +752,42 @@ pub fn run(args: Args) -> Result<()> {
         bar.inc(1);
         if t.cfg.eval.every > 0 && s.step % t.cfg.eval.every == 0 {
             bar.set_message(format!("held-out eval of {} rows", t.eval_rows()));
-            let h = t.evaluate(&ProgressBar::hidden());
-            metrics.eval(s.step, h.short, h.long)?;
-            bar.println(format!("step {}: held-out loss short {}  long {}", s.step, fmt_opt(h.short), fmt_opt(h.long)));
+            let h = t.evaluate(&ProgressBar::hidden())?;
+            if let Some(m) = metrics.as_mut() {
+                m.eval(s.step, h.short, h.long)?;
+                bar.println(format!("step {}: held-out loss short {}  long {}", s.step, fmt_opt(h.short), fmt_opt(h.long)));
+            }
         }
-        let stop_now = STOP.load(Ordering::SeqCst) || args.stop_after.is_some_and(|n| s.step - run_start >= n);
+        let stop_now = s.stop_requested || args.stop_after.is_some_and(|n| s.step - run_start >= n);
         let periodic = t.cfg.checkpoint.every > 0 && s.step % t.cfg.checkpoint.every == 0;
         if periodic || stop_now || s.step == t.total_steps {
             let dir = t.save_checkpoint()?;
-            bar.println(format!("checkpoint {}", dir.display()));
+            if main {
+                bar.println(format!("checkpoint {}", dir.display()));
+            }
         }
         if stop_now {
             bar.abandon();
-            println!("stopped at step {} (resume with --resume)", s.step);
+            if main {
+                println!("stopped at step {} (resume with --resume)", s.step);
+            }
             return Ok(());
         }
     }
     bar.finish();
-    let bar = eval_bar(t.eval_rows(), no_progress);
-    let h = t.evaluate(&bar);
+    let bar = eval_bar(t.eval_rows(), hide);
+    let h = t.evaluate(&bar)?;
     bar.finish_and_clear();
-    metrics.eval(t.state.step, h.short, h.long)?;
-    println!("held-out loss after training:  short {}  long {}", fmt_opt(h.short), fmt_opt(h.long));
-    if let Some(e) = &t.cfg.export {
+    if let Some(m) = metrics.as_mut() {
+        m.eval(t.state.step, h.short, h.long)?;
+        println!("held-out loss after training:  short {}  long {}", fmt_opt(h.short), fmt_opt(h.long));
+    }
+    if let Some(d) = &t.dist {
+        if main {
+            println!("parameters identical on all {} ranks (checked at every checkpoint)", d.world());
+        }
+    }
+    if let (Some(e), true) = (&t.cfg.export, main) {
         t.export(&e.dir, &e.dtype, e.max_shard_mb)?;
     }
     Ok(())

@@ -1,0 +1,161 @@
+// c10d collectives for longmix: TCPStore rendezvous, Gloo (CPU) and NCCL (CUDA) process groups,
+// and the handful of collectives data parallelism needs, behind a C ABI (see src/c10d.rs).
+//
+// Every function returns NULL on success or a malloc'ed error message (freed by
+// lm_string_free), so no C++ exception crosses into Rust. Tensors arrive as `at::Tensor*`,
+// which is what tch's `Tensor::as_ptr` gives (torch-sys stores a heap `torch::Tensor`).
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef LONGMIX_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+namespace {
+
+char* dup(const std::string& s) {
+  char* out = static_cast<char*>(std::malloc(s.size() + 1));
+  std::memcpy(out, s.c_str(), s.size() + 1);
+  return out;
+}
+
+template <typename F>
+char* guard(F&& f) {
+  try {
+    f();
+    return nullptr;
+  } catch (const c10::Error& e) {
+    return dup(e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return dup(e.what());
+  } catch (...) {
+    return dup("unknown C++ exception");
+  }
+}
+
+}  // namespace
+
+struct LmGroup {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::Backend> backend;
+  std::chrono::milliseconds timeout;
+};
+
+struct LmWork {
+  c10::intrusive_ptr<c10d::Work> work;
+  std::chrono::milliseconds timeout;
+};
+
+extern "C" {
+
+void lm_string_free(char* s) { std::free(s); }
+
+int lm_nccl_compiled() {
+#ifdef LONGMIX_NCCL
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// backend: 0 = Gloo, 1 = NCCL. `is_server`: this process hosts the TCPStore (rank 0 of a plain
+// launch); under torchrun's agent store every rank is a client.
+char* lm_group_new(int backend, const char* host, int port, int rank, int world, int is_server,
+                   long long timeout_ms, const char* prefix, LmGroup** out) {
+  return guard([&] {
+    auto timeout = std::chrono::milliseconds(timeout_ms);
+    c10d::TCPStoreOptions so;
+    so.port = static_cast<std::uint16_t>(port);
+    so.isServer = is_server != 0;
+    so.numWorkers = is_server ? std::optional<std::size_t>(world) : std::nullopt;
+    so.waitWorkers = false;
+    so.timeout = timeout;
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), so);
+    c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
+    c10::intrusive_ptr<c10d::Backend> b;
+    if (backend == 0) {
+      // create_default honours GLOO_SOCKET_IFNAME, like torch.distributed.
+      auto opts = c10d::ProcessGroupGloo::Options::create_default(timeout);
+      b = c10::make_intrusive<c10d::ProcessGroupGloo>(c10::make_intrusive<c10d::PrefixStore>("gloo", store), rank,
+                                                        world, opts);
+    } else {
+#ifdef LONGMIX_NCCL
+      auto opts = c10d::ProcessGroupNCCL::Options::create();
+      opts->timeout = timeout;
+      b = c10::make_intrusive<c10d::ProcessGroupNCCL>(c10::make_intrusive<c10d::PrefixStore>("nccl", store), rank,
+                                                        world, opts);
+#else
+      TORCH_CHECK(false, "this build of longmix has no NCCL: rebuild after launch/setup.sh installed its headers");
+#endif
+    }
+    *out = new LmGroup{store, b, timeout};
+  });
+}
+
+void lm_group_free(LmGroup* g) { delete g; }
+
+// op: 0 = sum, 1 = max, 2 = min. With `work` NULL the call waits; otherwise it returns a handle.
+char* lm_allreduce(LmGroup* g, void* tensor, int op, LmWork** work) {
+  return guard([&] {
+    std::vector<at::Tensor> ts{*static_cast<at::Tensor*>(tensor)};
+    c10d::AllreduceOptions o;
+    o.reduceOp = op == 0 ? c10d::ReduceOp::SUM : op == 1 ? c10d::ReduceOp::MAX : c10d::ReduceOp::MIN;
+    o.timeout = g->timeout;
+    auto w = g->backend->allreduce(ts, o);
+    if (work) {
+      *work = new LmWork{w, g->timeout};
+    } else {
+      w->wait(g->timeout);
+    }
+  });
+}
+
+char* lm_broadcast(LmGroup* g, void* tensor, int root, LmWork** work) {
+  return guard([&] {
+    std::vector<at::Tensor> ts{*static_cast<at::Tensor*>(tensor)};
+    c10d::BroadcastOptions o;
+    o.rootRank = root;
+    o.timeout = g->timeout;
+    auto w = g->backend->broadcast(ts, o);
+    if (work) {
+      *work = new LmWork{w, g->timeout};
+    } else {
+      w->wait(g->timeout);
+    }
+  });
+}
+
+char* lm_barrier(LmGroup* g) {
+  return guard([&] {
+    c10d::BarrierOptions o;
+    o.timeout = g->timeout;
+    g->backend->barrier(o)->wait(g->timeout);
+  });
+}
+
+char* lm_work_wait(LmWork* w) {
+  return guard([&] { w->work->wait(w->timeout); });
+}
+
+void lm_work_free(LmWork* w) { delete w; }
+
+char* lm_store_set(LmGroup* g, const char* key, const char* value) {
+  return guard([&] { g->store->set(std::string(key), std::string(value)); });
+}
+
+// The value of `key`, or an error when it does not appear within `timeout_ms`.
+char* lm_store_get(LmGroup* g, const char* key, long long timeout_ms, char** value) {
+  return guard([&] {
+    g->store->wait({std::string(key)}, std::chrono::milliseconds(timeout_ms));
+    auto bytes = g->store->get(std::string(key));
+    *value = dup(std::string(bytes.begin(), bytes.end()));
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,221 @@
+//! c10d process groups from Rust: a thin, safe layer over `csrc/c10d.cpp`.
+//!
+//! A [`ProcessGroup`] is built from a [`Rendezvous`] (host, port, rank, world size, whether this
+//! process hosts the store) and a [`Backend`]. Collectives take tch tensors (contiguous, on
+//! the group's device) and either wait or return a [`Work`] to wait on later, which is how
+//! gradient buckets overlap the backward pass. Every failure, a peer's timeout included,
+//! comes back as an error carrying c10d's own message.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use tch::Tensor;
+
+#[repr(C)]
+struct RawGroup {
+    _private: [u8; 0],
+}
+#[repr(C)]
+struct RawWork {
+    _private: [u8; 0],
+}
+
+extern "C" {
+    fn lm_string_free(s: *mut c_char);
+    fn lm_nccl_compiled() -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    fn lm_group_new(
+        backend: c_int,
+        host: *const c_char,
+        port: c_int,
+        rank: c_int,
+        world: c_int,
+        is_server: c_int,
+        timeout_ms: i64,
+        prefix: *const c_char,
+        out: *mut *mut RawGroup,
+    ) -> *mut c_char;
+    fn lm_group_free(g: *mut RawGroup);
+    fn lm_allreduce(g: *mut RawGroup, t: *mut c_void, op: c_int, work: *mut *mut RawWork) -> *mut c_char;
+    fn lm_broadcast(g: *mut RawGroup, t: *mut c_void, root: c_int, work: *mut *mut RawWork) -> *mut c_char;
+    fn lm_barrier(g: *mut RawGroup) -> *mut c_char;
+    fn lm_work_wait(w: *mut RawWork) -> *mut c_char;
+    fn lm_work_free(w: *mut RawWork);
+    fn lm_store_set(g: *mut RawGroup, key: *const c_char, value: *const c_char) -> *mut c_char;
+    fn lm_store_get(g: *mut RawGroup, key: *const c_char, timeout_ms: i64, value: *mut *mut c_char) -> *mut c_char;
+}
+
+/// Turn a C error string (NULL = success) into a `Result`, freeing it.
+fn check(err: *mut c_char) -> Result<()> {
+    if err.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-NULL return is a NUL-terminated string malloc'ed by csrc/c10d.cpp.
+    let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    unsafe { lm_string_free(err) };
+    bail!("{}", msg.trim())
+}
+
+fn c_string(s: &str) -> CString {
+    CString::new(s).expect("no NUL in c10d strings")
+}
+
+/// Whether this build compiled the NCCL path (it does whenever the set-up installed its headers).
+pub fn nccl_compiled() -> bool {
+    // SAFETY: no arguments, no state.
+    unsafe { lm_nccl_compiled() != 0 }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// CPU tensors (tests, CI, CPU runs).
+    Gloo,
+    /// CUDA tensors.
+    Nccl,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    Max,
+    Min,
+}
+
+/// Where and as whom to join: the `TCPStore` at `host:port`, which rank 0 hosts in a plain
+/// launch (`is_server`) and torchrun's agent serves otherwise.
+#[derive(Debug, Clone)]
+pub struct Rendezvous {
+    pub host: String,
+    pub port: u16,
+    pub rank: usize,
+    pub world_size: usize,
+    pub is_server: bool,
+    /// For connecting, for every collective and for store reads.
+    pub timeout: Duration,
+}
+
+/// One process group (every rank of the run).
+pub struct ProcessGroup {
+    raw: *mut RawGroup,
+    pub rank: usize,
+    pub world_size: usize,
+    pub backend: Backend,
+    pub timeout: Duration,
+}
+
+// SAFETY: c10d's store and backends are used from one thread at a time here (the trainer's);
+// moving the handle between threads is fine.
+unsafe impl Send for ProcessGroup {}
+
+/// An operation in flight; [`Work::wait`] completes it. It keeps its tensor alive.
+pub struct Work {
+    raw: *mut RawWork,
+    _tensor: Tensor,
+}
+
+// SAFETY: as for ProcessGroup.
+unsafe impl Send for Work {}
+
+impl Work {
+    pub fn wait(self) -> Result<()> {
+        // SAFETY: `raw` is a live work handle (freed only in Drop).
+        check(unsafe { lm_work_wait(self.raw) })
+    }
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        // SAFETY: created by lm_allreduce/lm_broadcast, freed once.
+        unsafe { lm_work_free(self.raw) }
+    }
+}
+
+fn tensor_ptr(t: &Tensor) -> Result<*mut c_void> {
+    if !t.is_contiguous() {
+        bail!("c10d collectives need contiguous tensors");
+    }
+    Ok(t.as_ptr() as *mut c_void)
+}
+
+impl ProcessGroup {
+    /// Join the group (blocks until the store answers; the backend connects to every peer).
+    pub fn new(backend: Backend, rv: &Rendezvous) -> Result<ProcessGroup> {
+        let host = c_string(&rv.host);
+        let prefix = c_string("longmix/");
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: valid C strings and out-pointer for the duration of the call.
+        check(unsafe {
+            lm_group_new(
+                matches!(backend, Backend::Nccl) as c_int,
+                host.as_ptr(),
+                rv.port as c_int,
+                rv.rank as c_int,
+                rv.world_size as c_int,
+                rv.is_server as c_int,
+                rv.timeout.as_millis() as i64,
+                prefix.as_ptr(),
+                &mut raw,
+            )
+        })?;
+        Ok(ProcessGroup { raw, rank: rv.rank, world_size: rv.world_size, backend, timeout: rv.timeout })
+    }
+
+    /// Reduce `t` in place across ranks.
+    pub fn all_reduce(&self, t: &Tensor, op: ReduceOp) -> Result<()> {
+        // SAFETY: live group, a valid tensor pointer; NULL work = wait inside.
+        check(unsafe { lm_allreduce(self.raw, tensor_ptr(t)?, op as c_int, std::ptr::null_mut()) })
+    }
+
+    /// Start a sum all-reduce of `t` in place; wait on the returned [`Work`].
+    pub fn all_reduce_async(&self, t: &Tensor) -> Result<Work> {
+        let mut w = std::ptr::null_mut();
+        // SAFETY: as above; `w` receives a handle the Work owns.
+        check(unsafe { lm_allreduce(self.raw, tensor_ptr(t)?, ReduceOp::Sum as c_int, &mut w) })?;
+        Ok(Work { raw: w, _tensor: t.shallow_clone() })
+    }
+
+    /// Copy rank `root`'s `t` into every rank's `t`.
+    pub fn broadcast(&self, t: &Tensor, root: usize) -> Result<()> {
+        // SAFETY: as for all_reduce.
+        check(unsafe { lm_broadcast(self.raw, tensor_ptr(t)?, root as c_int, std::ptr::null_mut()) })
+    }
+
+    /// Start a broadcast from `root`; wait on the returned [`Work`].
+    pub fn broadcast_async(&self, t: &Tensor, root: usize) -> Result<Work> {
+        let mut w = std::ptr::null_mut();
+        // SAFETY: as for all_reduce_async.
+        check(unsafe { lm_broadcast(self.raw, tensor_ptr(t)?, root as c_int, &mut w) })?;
+        Ok(Work { raw: w, _tensor: t.shallow_clone() })
+    }
+
+    pub fn barrier(&self) -> Result<()> {
+        // SAFETY: live group.
+        check(unsafe { lm_barrier(self.raw) })
+    }
+
+    /// Set `key` in the run's store (seen by every rank).
+    pub fn store_set(&self, key: &str, value: &str) -> Result<()> {
+        let (k, v) = (c_string(key), c_string(value));
+        // SAFETY: valid C strings for the call.
+        check(unsafe { lm_store_set(self.raw, k.as_ptr(), v.as_ptr()) })
+    }
+
+    /// Read `key` from the store, waiting at most `timeout` for it to appear.
+    pub fn store_get(&self, key: &str, timeout: Duration) -> Result<String> {
+        let k = c_string(key);
+        let mut out = std::ptr::null_mut();
+        // SAFETY: valid key and out-pointer; on success `out` is a malloc'ed C string.
+        check(unsafe { lm_store_get(self.raw, k.as_ptr(), timeout.as_millis() as i64, &mut out) })?;
+        let s = unsafe { CStr::from_ptr(out) }.to_string_lossy().into_owned();
+        unsafe { lm_string_free(out) };
+        Ok(s)
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: created by lm_group_new, freed once.
+        unsafe { lm_group_free(self.raw) }
+    }
+}

@@ -1,0 +1,525 @@
+//! Data parallelism over c10d (Gloo on CPU, NCCL on CUDA; `longmix-torch-ext`).
+//!
+//! * [`Launch::from_env`]: rank, world size and rendezvous from torchrun's variables (`RANK`,
+//!   `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`, `TORCHELASTIC_USE_AGENT_STORE`), or
+//!   SLURM's (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`, first host of `SLURM_JOB_NODELIST`).
+//! * [`Dist`]: the process group plus what the trainer needs from it: small f64 reductions
+//!   (losses, counts, timings), agreement on failures, and errors that name the ranks that did
+//!   not answer.
+//! * [`assign_rows`]: every rank plans the same global batch and keeps its share; with
+//!   balancing, shares are even in estimated compute ([`row_cost`]), not in row count.
+//! * [`GradSync`]: gradients all-reduced in float32 buckets, launched layer by layer while the
+//!   backward runs on (see `CausalLm::forward_backward_with`).
+//! * [`owners`]: ZeRO-1's assignment of whole parameters to ranks (as torch's
+//!   `ZeroRedundancyOptimizer` does): a rank keeps AdamW state for its parameters only and
+//!   broadcasts them after its update ([`broadcast_owned`]).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use longmix_data::Row;
+use longmix_torch_ext::c10d::{Backend, ProcessGroup, ReduceOp, Rendezvous, Work};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::DistributedSection;
+
+/// How this process was started as one rank of many.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    pub rank: usize,
+    pub world_size: usize,
+    pub local_rank: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+    /// torchrun's agent already serves the store: every rank connects as a client.
+    pub agent_store: bool,
+    /// "torchrun" (or a launcher setting the same variables) or "slurm".
+    pub launcher: &'static str,
+}
+
+const DEFAULT_PORT: u16 = 29500;
+
+fn parse_var<T: std::str::FromStr>(get: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<T>> {
+    match get(name) {
+        None => Ok(None),
+        Some(v) => v.trim().parse().map(Some).map_err(|_| anyhow::anyhow!("environment variable {name}={v:?} is not a number")),
+    }
+}
+
+/// The first host of a SLURM node list: `gpu[003-004,7],cpu1` -> `gpu003`.
+pub fn first_slurm_host(list: &str) -> String {
+    let first = match list.find('[') {
+        Some(b) if list[..b].find(',').is_none() => {
+            let inner = &list[b + 1..];
+            let end = inner.find([',', '-', ']']).unwrap_or(inner.len());
+            format!("{}{}", &list[..b], &inner[..end])
+        }
+        _ => list.split(',').next().unwrap_or(list).to_string(),
+    };
+    first.trim().to_string()
+}
+
+impl Launch {
+    /// None for a plain single process (no `WORLD_SIZE`, no SLURM job of several tasks).
+    pub fn from_env() -> Result<Option<Launch>> {
+        Self::from_vars(&|k| std::env::var(k).ok())
+    }
+
+    pub fn from_vars(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<Launch>> {
+        let port = parse_var::<u16>(get, "MASTER_PORT")?.unwrap_or(DEFAULT_PORT);
+        if let Some(world) = parse_var::<usize>(get, "WORLD_SIZE")? {
+            let rank = parse_var::<usize>(get, "RANK")?
+                .context("WORLD_SIZE is set but RANK is not: start the ranks with torchrun or launch/multi.sh")?;
+            let local_rank = parse_var::<usize>(get, "LOCAL_RANK")?.unwrap_or(rank);
+            let launch = Launch {
+                rank,
+                world_size: world,
+                local_rank,
+                master_addr: get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
+                master_port: port,
+                agent_store: get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v == "True"),
+                launcher: "torchrun",
+            };
+            return launch.validated().map(Some);
+        }
+        let Some(world) = parse_var::<usize>(get, "SLURM_NTASKS")? else { return Ok(None) };
+        if world <= 1 {
+            return Ok(None);
+        }
+        let rank = parse_var::<usize>(get, "SLURM_PROCID")?.context("SLURM_NTASKS is set but SLURM_PROCID is not")?;
+        let nodes = get("SLURM_JOB_NODELIST").or_else(|| get("SLURM_NODELIST"));
+        let master_addr = get("MASTER_ADDR").or_else(|| nodes.map(|n| first_slurm_host(&n))).context(
+            "SLURM job without SLURM_JOB_NODELIST or MASTER_ADDR: export MASTER_ADDR=<first node> in the batch script",
+        )?;
+        Launch {
+            rank,
+            world_size: world,
+            local_rank: parse_var::<usize>(get, "SLURM_LOCALID")?.unwrap_or(0),
+            master_addr,
+            master_port: port,
+            agent_store: false,
+            launcher: "slurm",
+        }
+        .validated()
+        .map(Some)
+    }
+
+    fn validated(self) -> Result<Launch> {
+        if self.world_size == 0 || self.rank >= self.world_size {
+            bail!("rank {} of world size {}: the rank must be below the world size", self.rank, self.world_size);
+        }
+        Ok(self)
+    }
+}
+
+/// The process group and the trainer's uses of it.
+pub struct Dist {
+    pub pg: ProcessGroup,
+    pub cfg: DistributedSection,
+    pub launch: Launch,
+    device: Device,
+}
+
+impl Dist {
+    /// Join the run's group; the backend follows `cfg.backend` ("auto": NCCL on CUDA).
+    pub fn init(launch: &Launch, cfg: &DistributedSection, device: Device) -> Result<Dist> {
+        let backend = match (cfg.backend.as_str(), device) {
+            ("gloo", _) | ("auto", Device::Cpu) => Backend::Gloo,
+            ("nccl", Device::Cpu) => {
+                bail!("key `distributed.backend`: nccl needs CUDA tensors but model.device is cpu; use gloo or auto")
+            }
+            _ => Backend::Nccl,
+        };
+        let rv = Rendezvous {
+            host: launch.master_addr.clone(),
+            port: launch.master_port,
+            rank: launch.rank,
+            world_size: launch.world_size,
+            is_server: launch.rank == 0 && !launch.agent_store,
+            timeout: Duration::from_secs(cfg.timeout_s),
+        };
+        let pg = ProcessGroup::new(backend, &rv).with_context(|| {
+            format!(
+                "rank {} of {}: cannot join the run's process group at {}:{} ({backend:?}, {} s timeout); check \
+                 MASTER_ADDR/MASTER_PORT and that every rank was started",
+                launch.rank, launch.world_size, launch.master_addr, launch.master_port, cfg.timeout_s
+            )
+        })?;
+        Ok(Dist { pg, cfg: cfg.clone(), launch: launch.clone(), device })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.launch.rank
+    }
+
+    pub fn world(&self) -> usize {
+        self.launch.world_size
+    }
+
+    /// Reduce `values` across ranks in place (float64, on the group's device).
+    pub fn reduce_f64(&self, values: &mut [f64], op: ReduceOp, step: u64, what: &str) -> Result<()> {
+        let t = Tensor::from_slice(values).to_device(self.device);
+        self.pg.all_reduce(&t, op).map_err(|e| self.failure(step, what, e))?;
+        let out = Vec::<f64>::try_from(t.to_device(Device::Cpu))?;
+        values.copy_from_slice(&out);
+        Ok(())
+    }
+
+    /// The ranks whose `ok` was false, the same list on every rank.
+    pub fn failed_ranks(&self, ok: bool, step: u64, what: &str) -> Result<Vec<usize>> {
+        let mut v = vec![0.0; self.world()];
+        v[self.rank()] = if ok { 0.0 } else { 1.0 };
+        self.reduce_f64(&mut v, ReduceOp::Sum, step, what)?;
+        Ok(v.iter().enumerate().filter(|(_, x)| **x > 0.0).map(|(r, _)| r).collect())
+    }
+
+    /// Mark that this rank reached the collectives of `step` (read back by [`Dist::failure`]).
+    pub fn arrive(&self, step: u64) {
+        let _ = self.pg.store_set(&format!("arrived/{}", self.rank()), &step.to_string());
+    }
+
+    /// Turn a failed collective into one error naming the ranks that did not answer (those
+    /// that never reached `step`'s collectives), the timeout, and what to do.
+    pub fn failure(&self, step: u64, what: &str, e: anyhow::Error) -> anyhow::Error {
+        let quick = Duration::from_secs(2);
+        let mut missing = Vec::new();
+        let mut store_down = false;
+        for r in (0..self.world()).filter(|&r| r != self.rank()) {
+            match self.pg.store_get(&format!("arrived/{r}"), quick) {
+                Ok(s) if s.parse::<u64>().is_ok_and(|s| s >= step) => {}
+                Ok(_) => missing.push(r),
+                Err(err) if format!("{err:#}").to_lowercase().contains("timeout") => missing.push(r),
+                Err(_) => store_down = true,
+            }
+        }
+        let who = if store_down && !self.launch.agent_store {
+            "rank 0 (which hosts the rendezvous store) did not answer".to_string()
+        } else if missing.is_empty() {
+            "a peer closed its connection or stopped answering".to_string()
+        } else {
+            let list: Vec<String> = missing.iter().map(|r| r.to_string()).collect();
+            format!("rank(s) {} did not answer", list.join(", "))
+        };
+        anyhow::anyhow!(
+            "rank {} of {}, step {step}: {who} in the {what} within distributed.timeout_s = {} s: it died or hangs \
+             (see its log). No checkpoint was left half-written; restart the run with --resume auto. c10d said: {e:#}",
+            self.rank(),
+            self.world(),
+            self.cfg.timeout_s
+        )
+    }
+}
+
+/// Estimated training FLOPs of one row: `6 N T` for the linear layers plus, for causal
+/// attention, `6 n_layers hidden sum(d_i^2)` over its documents `d_i` (forward QK^T and AV are
+/// `4 hidden d^2` halved by causality; backward twice that). Padding runs as tokens too.
+pub fn row_cost(row: &Row, n_params: f64, layers: f64, hidden: f64) -> f64 {
+    let t = row.input_ids.len() as f64;
+    let attn: f64 = row.pieces.iter().map(|p| (p.len as f64).powi(2)).sum();
+    6.0 * n_params * t + 6.0 * layers * hidden * attn
+}
+
+/// Which rows (indices into the global batch) each of `world` ranks trains. Balanced: longest
+/// processing time first (the costliest row to the least-loaded rank; ties to the rank with
+/// fewer rows, then the lower rank), which keeps the slowest rank within 4/3 of the optimum.
+/// Not balanced: round-robin. Deterministic, so every rank computes the same assignment; each
+/// rank's rows stay in batch order.
+pub fn assign_rows(costs: &[f64], world: usize, balance: bool) -> Vec<Vec<usize>> {
+    let mut out = vec![Vec::new(); world];
+    if !balance {
+        for i in 0..costs.len() {
+            out[i % world].push(i);
+        }
+        return out;
+    }
+    let mut order: Vec<usize> = (0..costs.len()).collect();
+    order.sort_by(|&a, &b| costs[b].total_cmp(&costs[a]).then(a.cmp(&b)));
+    let mut load = vec![0.0f64; world];
+    for i in order {
+        let r = (0..world)
+            .min_by(|&a, &b| load[a].total_cmp(&load[b]).then(out[a].len().cmp(&out[b].len())).then(a.cmp(&b)))
+            .unwrap();
+        load[r] += costs[i];
+        out[r].push(i);
+    }
+    for rows in &mut out {
+        rows.sort_unstable();
+    }
+    out
+}
+
+/// Decoder layer of an HF parameter name (`model.layers.7.mlp...` -> 7); None for the
+/// embedding, final norm and LM head.
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+}
+
+/// Gradient buckets in the order the backward completes them: the last layer's first, the
+/// embedding, final norm and LM head last.
+pub struct GradSync {
+    params: Vec<Tensor>,
+    /// Parameter indices per bucket.
+    buckets: Vec<Vec<usize>>,
+    /// The lowest decoder layer in each bucket (None: holds a parameter completed only at the end).
+    ready_at: Vec<Option<usize>>,
+}
+
+/// Time spent on the gradient reduction of one step.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CommTimes {
+    /// Building buckets and launching their all-reduces (on this thread, during backward).
+    pub launch_s: f64,
+    /// Waiting for reductions after the backward finished (communication not hidden, plus
+    /// waiting for slower ranks).
+    pub wait_s: f64,
+}
+
+impl GradSync {
+    /// `params` sorted by name (as every rank sorts them).
+    pub fn new(params: &[(String, Tensor)], bucket_bytes: usize) -> GradSync {
+        let mut order: Vec<usize> = (0..params.len()).collect();
+        // Layers from last to first, then the parameters completed only at the end; by name within.
+        order.sort_by_key(|&i| {
+            let l = layer_of(&params[i].0);
+            (l.is_none(), std::cmp::Reverse(l.unwrap_or(0)), i)
+        });
+        let mut buckets: Vec<Vec<usize>> = Vec::new();
+        let mut ready_at: Vec<Option<usize>> = Vec::new();
+        let mut bytes = 0usize;
+        for i in order {
+            let layer = layer_of(&params[i].0);
+            let size = params[i].1.numel() * 4;
+            let full = bytes > 0 && bytes + size > bucket_bytes;
+            let end_group_starts = layer.is_none() && ready_at.last().is_some_and(|r| r.is_some());
+            if buckets.is_empty() || full || end_group_starts {
+                buckets.push(Vec::new());
+                ready_at.push(layer);
+                bytes = 0;
+            }
+            buckets.last_mut().unwrap().push(i);
+            let r = ready_at.last_mut().unwrap();
+            *r = match (*r, layer) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                _ => None,
+            };
+            bytes += size;
+        }
+        GradSync { params: params.iter().map(|(_, t)| t.shallow_clone()).collect(), buckets, ready_at }
+    }
+
+    pub fn n_buckets(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// Start a step's reduction; feed it [`InFlight::layer_done`] and finish it.
+    pub fn begin<'a>(&'a self, pg: &'a ProcessGroup) -> InFlight<'a> {
+        InFlight { sync: self, pg, works: Vec::new(), launched: 0, error: None, launch_s: 0.0 }
+    }
+}
+
+/// One step's gradient reduction in flight.
+pub struct InFlight<'a> {
+    sync: &'a GradSync,
+    pg: &'a ProcessGroup,
+    works: Vec<(Work, Tensor)>,
+    launched: usize,
+    error: Option<anyhow::Error>,
+    launch_s: f64,
+}
+
+impl InFlight<'_> {
+    fn launch_next(&mut self) {
+        let b = self.launched;
+        self.launched += 1;
+        let t0 = Instant::now();
+        let flat: Vec<Tensor> = self.sync.buckets[b]
+            .iter()
+            .map(|&i| self.sync.params[i].grad().detach().to_kind(Kind::Float).reshape([-1]))
+            .collect();
+        let buf = Tensor::cat(&flat, 0);
+        match self.pg.all_reduce_async(&buf) {
+            Ok(w) => self.works.push((w, buf)),
+            Err(e) => {
+                self.error.get_or_insert(e);
+            }
+        }
+        self.launch_s += t0.elapsed().as_secs_f64();
+    }
+
+    /// Decoder layer `layer` (and so every later one) has its gradients complete.
+    pub fn layer_done(&mut self, layer: usize) {
+        while self.launched < self.sync.buckets.len() && self.error.is_none() {
+            match self.sync.ready_at[self.launched] {
+                Some(lowest) if lowest >= layer => self.launch_next(),
+                _ => break,
+            }
+        }
+    }
+
+    /// Launch what is left (the parameters completed last), wait for every bucket and write
+    /// the summed gradients back.
+    pub fn finish(mut self) -> Result<CommTimes> {
+        while self.launched < self.sync.buckets.len() && self.error.is_none() {
+            self.launch_next();
+        }
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        let t0 = Instant::now();
+        let works = std::mem::take(&mut self.works);
+        for (b, (work, buf)) in works.into_iter().enumerate() {
+            work.wait()?;
+            let mut off = 0;
+            tch::no_grad(|| {
+                for &i in &self.sync.buckets[b] {
+                    let mut g = self.sync.params[i].grad();
+                    let n = g.numel() as i64;
+                    let _ = g.copy_(&buf.narrow(0, off, n).view_as(&g));
+                    off += n;
+                }
+            });
+        }
+        Ok(CommTimes { launch_s: self.launch_s, wait_s: t0.elapsed().as_secs_f64() })
+    }
+}
+
+/// ZeRO-1: the rank that owns each parameter (largest first, to the rank with the fewest
+/// elements so far; ties to the lower rank). Depends only on names, sizes and `world`.
+pub fn owners(params: &[(String, Tensor)], world: usize) -> BTreeMap<String, usize> {
+    let mut order: Vec<usize> = (0..params.len()).collect();
+    order.sort_by(|&a, &b| params[b].1.numel().cmp(&params[a].1.numel()).then(a.cmp(&b)));
+    let mut load = vec![0usize; world];
+    let mut out = BTreeMap::new();
+    for i in order {
+        let r = (0..world).min_by_key(|&r| (load[r], r)).unwrap();
+        load[r] += params[i].1.numel();
+        out.insert(params[i].0.clone(), r);
+    }
+    out
+}
+
+/// After each owner updated its parameters, copy them to every rank: one broadcast per owner,
+/// of its parameters flattened (all broadcasts in flight at once).
+pub fn broadcast_owned(pg: &ProcessGroup, params: &[(String, Tensor)], owner: &BTreeMap<String, usize>) -> Result<()> {
+    let mut works = Vec::new();
+    for root in 0..pg.world_size {
+        let mine: Vec<&Tensor> = params.iter().filter(|(n, _)| owner[n] == root).map(|(_, t)| t).collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let flat: Vec<Tensor> = mine.iter().map(|t| t.detach().reshape([-1])).collect();
+        let buf = Tensor::cat(&flat, 0);
+        works.push((pg.broadcast_async(&buf, root)?, buf, mine));
+    }
+    for (work, buf, mine) in works {
+        work.wait()?;
+        let mut off = 0;
+        tch::no_grad(|| {
+            for t in mine {
+                let n = t.numel() as i64;
+                let mut t = t.shallow_clone();
+                let _ = t.copy_(&buf.narrow(0, off, n).view_as(&t));
+                off += n;
+            }
+        });
+    }
+    Ok(())
+}
+
+/// An exact fingerprint of the parameters: the sum of their float32 bit patterns as integers
+/// (order-independent, so equal on ranks holding bitwise-equal weights).
+pub fn fingerprint(params: &[(String, Tensor)]) -> i64 {
+    params
+        .iter()
+        .map(|(_, t)| {
+            let bits = t.detach().to_kind(Kind::Float).contiguous().view_dtype(Kind::Int).to_kind(Kind::Int64);
+            bits.sum(Kind::Int64).int64_value(&[])
+        })
+        .fold(0i64, |a, b| a.wrapping_add(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(map: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + '_ {
+        move |k| map.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn torchrun_and_slurm_variables_are_read() {
+        assert_eq!(Launch::from_vars(&vars(&[])).unwrap(), None);
+        let l = Launch::from_vars(&vars(&[
+            ("RANK", "3"),
+            ("WORLD_SIZE", "8"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "n0"),
+            ("MASTER_PORT", "1234"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!((l.rank, l.world_size, l.local_rank, l.master_port, l.agent_store), (3, 8, 1, 1234, true));
+        let s = Launch::from_vars(&vars(&[
+            ("SLURM_PROCID", "5"),
+            ("SLURM_NTASKS", "16"),
+            ("SLURM_LOCALID", "5"),
+            ("SLURM_JOB_NODELIST", "gpu[017-018,020]"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!((s.rank, s.world_size, s.local_rank, s.master_addr.as_str(), s.launcher), (5, 16, 5, "gpu017", "slurm"));
+        assert_eq!(Launch::from_vars(&vars(&[("SLURM_NTASKS", "1"), ("SLURM_PROCID", "0")])).unwrap(), None);
+        let e = Launch::from_vars(&vars(&[("RANK", "2"), ("WORLD_SIZE", "2")])).unwrap_err();
+        assert!(e.to_string().contains("below the world size"), "{e}");
+        let e = Launch::from_vars(&vars(&[("WORLD_SIZE", "two")])).unwrap_err();
+        assert!(e.to_string().contains("WORLD_SIZE"), "{e}");
+    }
+
+    #[test]
+    fn slurm_node_lists() {
+        assert_eq!(first_slurm_host("node7"), "node7");
+        assert_eq!(first_slurm_host("a1,b2"), "a1");
+        assert_eq!(first_slurm_host("gpu[003-004,7],cpu1"), "gpu003");
+        assert_eq!(first_slurm_host("gpu[12,14]"), "gpu12");
+    }
+
+    #[test]
+    fn balancing_evens_compute_not_row_count() {
+        // One long row costs as much as three short ones.
+        let costs = [3.0, 1.0, 1.0, 1.0, 3.0, 1.0, 1.0, 1.0];
+        let rr = assign_rows(&costs, 2, false);
+        let bal = assign_rows(&costs, 2, true);
+        let load = |a: &Vec<Vec<usize>>| a.iter().map(|r| r.iter().map(|&i| costs[i]).sum::<f64>()).collect::<Vec<_>>();
+        assert_eq!(load(&rr), vec![8.0, 4.0]);
+        assert_eq!(load(&bal), vec![6.0, 6.0]);
+        let mut all: Vec<usize> = bal.concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..8).collect::<Vec<_>>(), "every row exactly once");
+        assert!(assign_rows(&[1.0; 3], 3, true).iter().all(|r| r.len() == 1));
+    }
+
+    #[test]
+    fn buckets_follow_the_backward_and_owners_balance_elements() {
+        let p = |n: &str, k: i64| (n.to_string(), Tensor::zeros([k], (Kind::Float, Device::Cpu)));
+        let params = vec![
+            p("lm_head.weight", 10),
+            p("model.embed_tokens.weight", 10),
+            p("model.layers.0.a", 4),
+            p("model.layers.0.b", 4),
+            p("model.layers.1.a", 4),
+            p("model.layers.1.b", 4),
+            p("model.norm.weight", 1),
+        ];
+        let s = GradSync::new(&params, 32);
+        // 32 bytes = 8 floats: layer 1's two, then layer 0's two, then the end-only group.
+        assert_eq!(s.buckets, vec![vec![4, 5], vec![2, 3], vec![0], vec![1], vec![6]]);
+        assert_eq!(s.ready_at, vec![Some(1), Some(0), None, None, None]);
+        assert_eq!(GradSync::new(&params, 1 << 20).buckets, vec![vec![4, 5, 2, 3], vec![0, 1, 6]]);
+        let o = owners(&params, 2);
+        let load: Vec<usize> = (0..2).map(|r| params.iter().filter(|(n, _)| o[n] == r).map(|(_, t)| t.numel()).sum()).collect();
+        assert_eq!(load.iter().sum::<usize>(), 37);
+        assert!(load[0].abs_diff(load[1]) <= 4, "{load:?}");
+    }
+}
