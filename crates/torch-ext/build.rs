@@ -34,7 +34,11 @@ fn main() {
     if std::env::var("LONGMIX_NO_NCCL").as_deref() != Ok("1") {
         let nv = torch.join("../nvidia");
         let dirs: Vec<PathBuf> = vec![nv.join("cu13/include"), nv.join("nccl/include")];
-        let needed = [nv.join("cu13/include/crt/host_config.h"), nv.join("cu13/include/nv/target"), nv.join("nccl/include/nccl.h")];
+        let needed = [
+            nv.join("cu13/include/crt/host_config.h"),
+            nv.join("cu13/include/nv/target"),
+            nv.join("nccl/include/nccl.h"),
+        ];
         if let Some(missing) = needed.iter().find(|p| !p.exists()) {
             panic!(
                 "{} is missing, so the NCCL path cannot compile: run launch/setup.sh (it installs nvidia-cuda-crt and \

@@ -5,8 +5,10 @@
 // lm_string_free), so no C++ exception crosses into Rust. Tensors arrive as `at::Tensor*`,
 // which is what tch's `Tensor::as_ptr` gives (torch-sys stores a heap `torch::Tensor`).
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
 #include <string>
 #include <vector>
 
@@ -45,6 +47,13 @@ struct LmGroup {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> backend;
   std::chrono::milliseconds timeout;
+  std::atomic<bool> stop{false};
+  std::thread heartbeat;
+
+  ~LmGroup() {
+    stop = true;
+    if (heartbeat.joinable()) heartbeat.join();
+  }
 };
 
 struct LmWork {
@@ -94,7 +103,11 @@ char* lm_group_new(int backend, const char* host, int port, int rank, int world,
       TORCH_CHECK(false, "this build of longmix has no NCCL: rebuild after launch/setup.sh installed its headers");
 #endif
     }
-    *out = new LmGroup{store, b, timeout};
+    auto g = new LmGroup();
+    g->store = store;
+    g->backend = b;
+    g->timeout = timeout;
+    *out = g;
   });
 }
 
@@ -155,6 +168,29 @@ char* lm_store_get(LmGroup* g, const char* key, long long timeout_ms, char** val
     g->store->wait({std::string(key)}, std::chrono::milliseconds(timeout_ms));
     auto bytes = g->store->get(std::string(key));
     *value = dup(std::string(bytes.begin(), bytes.end()));
+  });
+}
+
+// Count up `key` every `interval_ms` on a thread of its own (with its own store connection),
+// until the group is freed: a rank whose counter stops moving has died or hangs.
+char* lm_heartbeat_start(LmGroup* g, const char* key, long long interval_ms) {
+  return guard([&] {
+    TORCH_CHECK(!g->heartbeat.joinable(), "the heartbeat is already running");
+    auto store = g->store->clone();
+    std::string k(key);
+    g->heartbeat = std::thread([g, store, k, interval_ms] {
+      long long n = 0;
+      while (!g->stop) {
+        try {
+          store->set(k, std::to_string(++n));
+        } catch (...) {
+          // The store host is gone; the next collective reports it.
+        }
+        for (long long t = 0; t < interval_ms && !g->stop; t += 20) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        }
+      }
+    });
   });
 }
 

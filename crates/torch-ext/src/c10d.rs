@@ -42,6 +42,7 @@ extern "C" {
     fn lm_barrier(g: *mut RawGroup) -> *mut c_char;
     fn lm_work_wait(w: *mut RawWork) -> *mut c_char;
     fn lm_work_free(w: *mut RawWork);
+    fn lm_heartbeat_start(g: *mut RawGroup, key: *const c_char, interval_ms: i64) -> *mut c_char;
     fn lm_store_set(g: *mut RawGroup, key: *const c_char, value: *const c_char) -> *mut c_char;
     fn lm_store_get(g: *mut RawGroup, key: *const c_char, timeout_ms: i64, value: *mut *mut c_char) -> *mut c_char;
 }
@@ -192,6 +193,14 @@ impl ProcessGroup {
     pub fn barrier(&self) -> Result<()> {
         // SAFETY: live group.
         check(unsafe { lm_barrier(self.raw) })
+    }
+
+    /// Count `key` up in the store every `interval` from a thread of its own until the group is
+    /// dropped; a peer whose counter stops moving has died or hangs.
+    pub fn start_heartbeat(&self, key: &str, interval: Duration) -> Result<()> {
+        let k = c_string(key);
+        // SAFETY: live group, valid key; the thread stops before the group is freed.
+        check(unsafe { lm_heartbeat_start(self.raw, k.as_ptr(), interval.as_millis() as i64) })
     }
 
     /// Set `key` in the run's store (seen by every rank).

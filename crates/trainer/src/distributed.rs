@@ -43,7 +43,9 @@ const DEFAULT_PORT: u16 = 29500;
 fn parse_var<T: std::str::FromStr>(get: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<T>> {
     match get(name) {
         None => Ok(None),
-        Some(v) => v.trim().parse().map(Some).map_err(|_| anyhow::anyhow!("environment variable {name}={v:?} is not a number")),
+        Some(v) => {
+            v.trim().parse().map(Some).map_err(|_| anyhow::anyhow!("environment variable {name}={v:?} is not a number"))
+        }
     }
 }
 
@@ -146,6 +148,7 @@ impl Dist {
                 launch.rank, launch.world_size, launch.master_addr, launch.master_port, cfg.timeout_s
             )
         })?;
+        pg.start_heartbeat(&format!("heartbeat/{}", launch.rank), HEARTBEAT)?;
         Ok(Dist { pg, cfg: cfg.clone(), launch: launch.clone(), device })
     }
 
@@ -174,32 +177,28 @@ impl Dist {
         Ok(v.iter().enumerate().filter(|(_, x)| **x > 0.0).map(|(r, _)| r).collect())
     }
 
-    /// Mark that this rank reached the collectives of `step` (read back by [`Dist::failure`]).
-    pub fn arrive(&self, step: u64) {
-        let _ = self.pg.store_set(&format!("arrived/{}", self.rank()), &step.to_string());
-    }
-
     /// Turn a failed collective into one error naming the ranks that did not answer (those
-    /// that never reached `step`'s collectives), the timeout, and what to do.
+    /// whose heartbeat stopped moving), the timeout, and what to do.
     pub fn failure(&self, step: u64, what: &str, e: anyhow::Error) -> anyhow::Error {
         let quick = Duration::from_secs(2);
-        let mut missing = Vec::new();
-        let mut store_down = false;
-        for r in (0..self.world()).filter(|&r| r != self.rank()) {
-            match self.pg.store_get(&format!("arrived/{r}"), quick) {
-                Ok(s) if s.parse::<u64>().is_ok_and(|s| s >= step) => {}
-                Ok(_) => missing.push(r),
-                Err(err) if format!("{err:#}").to_lowercase().contains("timeout") => missing.push(r),
-                Err(_) => store_down = true,
-            }
-        }
+        let peers: Vec<usize> = (0..self.world()).filter(|&r| r != self.rank()).collect();
+        let read = |r: usize| self.pg.store_get(&format!("heartbeat/{r}"), quick).ok();
+        let before: Vec<Option<String>> = peers.iter().map(|&r| read(r)).collect();
+        std::thread::sleep(HEARTBEAT * 3);
+        let after: Vec<Option<String>> = peers.iter().map(|&r| read(r)).collect();
+        let store_down = !peers.is_empty() && before.iter().chain(&after).all(|b| b.is_none());
+        let missing: Vec<String> = peers
+            .iter()
+            .zip(before.iter().zip(&after))
+            .filter(|(_, (b, a))| a.is_none() || b == a)
+            .map(|(r, _)| r.to_string())
+            .collect();
         let who = if store_down && !self.launch.agent_store {
             "rank 0 (which hosts the rendezvous store) did not answer".to_string()
         } else if missing.is_empty() {
             "a peer closed its connection or stopped answering".to_string()
         } else {
-            let list: Vec<String> = missing.iter().map(|r| r.to_string()).collect();
-            format!("rank(s) {} did not answer", list.join(", "))
+            format!("rank(s) {} did not answer", missing.join(", "))
         };
         anyhow::anyhow!(
             "rank {} of {}, step {step}: {who} in the {what} within distributed.timeout_s = {} s: it died or hangs \
@@ -210,6 +209,9 @@ impl Dist {
         )
     }
 }
+
+/// How often each rank's heartbeat counter moves (see [`Dist::failure`]).
+const HEARTBEAT: Duration = Duration::from_millis(500);
 
 /// Estimated training FLOPs of one row: `6 N T` for the linear layers plus, for causal
 /// attention, `6 n_layers hidden sum(d_i^2)` over its documents `d_i` (forward QK^T and AV are
@@ -375,7 +377,7 @@ impl InFlight<'_> {
                 for &i in &self.sync.buckets[b] {
                     let mut g = self.sync.params[i].grad();
                     let n = g.numel() as i64;
-                    let _ = g.copy_(&buf.narrow(0, off, n).view_as(&g));
+                    g.copy_(&buf.narrow(0, off, n).view_as(&g));
                     off += n;
                 }
             });
@@ -419,7 +421,7 @@ pub fn broadcast_owned(pg: &ProcessGroup, params: &[(String, Tensor)], owner: &B
             for t in mine {
                 let n = t.numel() as i64;
                 let mut t = t.shallow_clone();
-                let _ = t.copy_(&buf.narrow(0, off, n).view_as(&t));
+                t.copy_(&buf.narrow(0, off, n).view_as(&t));
                 off += n;
             }
         });
@@ -443,7 +445,7 @@ pub fn fingerprint(params: &[(String, Tensor)]) -> i64 {
 mod tests {
     use super::*;
 
-    fn vars(map: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + '_ {
+    fn vars<'a>(map: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |k| map.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
     }
 
@@ -469,7 +471,10 @@ mod tests {
         ]))
         .unwrap()
         .unwrap();
-        assert_eq!((s.rank, s.world_size, s.local_rank, s.master_addr.as_str(), s.launcher), (5, 16, 5, "gpu017", "slurm"));
+        assert_eq!(
+            (s.rank, s.world_size, s.local_rank, s.master_addr.as_str(), s.launcher),
+            (5, 16, 5, "gpu017", "slurm")
+        );
         assert_eq!(Launch::from_vars(&vars(&[("SLURM_NTASKS", "1"), ("SLURM_PROCID", "0")])).unwrap(), None);
         let e = Launch::from_vars(&vars(&[("RANK", "2"), ("WORLD_SIZE", "2")])).unwrap_err();
         assert!(e.to_string().contains("below the world size"), "{e}");
@@ -518,7 +523,8 @@ mod tests {
         assert_eq!(s.ready_at, vec![Some(1), Some(0), None, None, None]);
         assert_eq!(GradSync::new(&params, 1 << 20).buckets, vec![vec![4, 5, 2, 3], vec![0, 1, 6]]);
         let o = owners(&params, 2);
-        let load: Vec<usize> = (0..2).map(|r| params.iter().filter(|(n, _)| o[n] == r).map(|(_, t)| t.numel()).sum()).collect();
+        let load: Vec<usize> =
+            (0..2).map(|r| params.iter().filter(|(n, _)| o[n] == r).map(|(_, t)| t.numel()).sum()).collect();
         assert_eq!(load.iter().sum::<usize>(), 37);
         assert!(load[0].abs_diff(load[1]) <= 4, "{load:?}");
     }

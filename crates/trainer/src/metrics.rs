@@ -77,7 +77,7 @@ impl Metrics {
             "rows_short": s.rows_short, "rows_long": s.rows_long, "window_mismatches": s.window_mismatches,
             "lr": s.lr, "grad_norm": s.grad_norm, "tokens_per_s": s.tokens as f64 / s.seconds, "step_s": s.seconds,
             "tokens_seen": s.tokens_seen, "peak_rss_mb": peak_rss_mb(),
-            "compute_s": s.compute_s, "comm_wait_s": s.comm_wait_s,
+            "compute_s": s.compute_s, "comm_launch_s": s.comm_launch_s, "comm_wait_s": s.comm_wait_s,
         });
         if !s.rank_compute_s.is_empty() {
             // Idle time of each rank: how long it waited for the slowest one's compute.

@@ -80,6 +80,8 @@ pub struct StepStats {
     pub seconds: f64,
     /// This rank's forward + backward time.
     pub compute_s: f64,
+    /// This rank's time building gradient buckets and launching their reductions.
+    pub comm_launch_s: f64,
     /// This rank's wait for the gradient reduction after its backward (unhidden
     /// communication plus waiting for slower ranks).
     pub comm_wait_s: f64,
@@ -428,12 +430,11 @@ impl Trainer {
             }
         }
         let compute_s = t0.elapsed().as_secs_f64();
-        let mut comm_wait_s = 0.0;
+        let (mut comm_wait_s, mut comm_launch_s) = (0.0, 0.0);
         let (mut rank_compute_s, mut rank_wait_s, mut stop_requested) = (Vec::new(), Vec::new(), stop);
         if let (Some(f), Some(d)) = (inflight, &self.dist) {
-            d.arrive(step);
             let times = f.finish().map_err(|e| d.failure(step, "gradient all-reduce", e))?;
-            comm_wait_s = times.wait_s;
+            (comm_wait_s, comm_launch_s) = (times.wait_s, times.launch_s);
             // Losses, counts, timings and stop requests of every rank in one reduction.
             let w = d.world();
             let mut v = vec![0.0; 8 + 2 * w];
@@ -480,6 +481,7 @@ impl Trainer {
             tokens_seen: self.state.tokens_seen,
             seconds: t0.elapsed().as_secs_f64(),
             compute_s,
+            comm_launch_s,
             comm_wait_s,
             rank_compute_s,
             rank_wait_s,
@@ -573,7 +575,9 @@ impl Trainer {
         let bytes = kind.elt_size_in_bytes() as f64;
         // Weights + grads in the compute dtype, AdamW moments (+ masters unless f32) in float32
         // for the parameters this rank updates (all of them, or its ZeRO-1 share).
-        let state_gb = (params as f64 * 2.0 * bytes + self.opt.elements() as f64 * self.opt.state_bytes_per_element() as f64) / 1e9;
+        let state_gb = (params as f64 * 2.0 * bytes
+            + self.opt.elements() as f64 * self.opt.state_bytes_per_element() as f64)
+            / 1e9;
         // Activations: with layer checkpointing one hidden state per layer plus one layer's
         // working set (~34 hidden-sized tensors); without, all layers' working sets.
         let tokens = (t.micro_batch_rows * t.seq_len) as f64;
@@ -610,13 +614,15 @@ impl Trainer {
         );
         if let Some(d) = &self.dist {
             println!(
-                "  ranks          {world} ({:?} via {}), this one on {:?}; rows balanced by compute: {}, overlap: {}, ZeRO-1: {}",
+                "  ranks          {world} ({:?} via {}), this one on {:?}; rows balanced by compute: {}, overlap: {}, \
+                 ZeRO-1: {}, {} gradient buckets",
                 d.pg.backend,
                 d.launch.launcher,
                 self.device,
                 d.cfg.balance,
                 d.cfg.overlap,
-                d.cfg.zero1
+                d.cfg.zero1,
+                self.sync.as_ref().map_or(0, |s| s.n_buckets())
             );
         }
         println!(
@@ -755,7 +761,12 @@ pub fn run(args: Args) -> Result<()> {
             let h = t.evaluate(&ProgressBar::hidden())?;
             if let Some(m) = metrics.as_mut() {
                 m.eval(s.step, h.short, h.long)?;
-                bar.println(format!("step {}: held-out loss short {}  long {}", s.step, fmt_opt(h.short), fmt_opt(h.long)));
+                bar.println(format!(
+                    "step {}: held-out loss short {}  long {}",
+                    s.step,
+                    fmt_opt(h.short),
+                    fmt_opt(h.long)
+                ));
             }
         }
         let stop_now = s.stop_requested || args.stop_after.is_some_and(|n| s.step - run_start >= n);
