@@ -14,18 +14,24 @@ use common::{corpus, tiny_model};
 use tch::Tensor;
 
 /// One model and corpus shared by several runs, each with its own config and checkpoints.
+/// Tests take turns (the guard): ranks of several tests at once on a small machine would make
+/// a slow rank look like a hung one to the timeout tests.
 struct Bench {
     _tmp: tempfile::TempDir,
     root: PathBuf,
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
+
+static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Bench {
     fn new() -> Bench {
+        let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_path_buf();
         tiny_model(&root.join("model"));
         corpus(&root.join("corpus.jsonl"), 120);
-        Bench { _tmp: tmp, root }
+        Bench { _tmp: tmp, root, _turn: turn }
     }
 
     /// A run named `name`: 6 rows per global step, mixed short/long rows, layer checkpointing
@@ -288,4 +294,33 @@ fn a_killed_two_rank_run_restarted_with_resume_auto_ends_where_the_uninterrupted
     let d = max_diff(&a, &weights(&ckpt.join("step-00000008")));
     eprintln!("2 ranks resumed on 1 vs 2 ranks throughout: max |dw| = {d:.3e}");
     assert!(d < TOL, "2 ranks resumed on 1: {d}");
+}
+
+#[test]
+fn torchrun_and_the_plain_launcher_start_the_same_run() {
+    let b = Bench::new();
+    let ws = common::workspace();
+    let run = |name: &str, cmd: &mut Command| {
+        let cfg = b.run(name, 2, "");
+        let out = cmd
+            .env("LONGMIX_BIN", env!("CARGO_BIN_EXE_longmix"))
+            .env("MASTER_PORT", free_port().to_string())
+            .env("LOGDIR", b.root.join(format!("{name}/logs")))
+            .env("RUST_LOG", "warn")
+            .args(["train", "--config", cfg.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}:\n{}", text(&out));
+        assert!(text(&out).contains("parameters identical on all 2 ranks"), "{}", text(&out));
+        weights(&b.root.join(format!("{name}/ckpt/step-00000002")))
+    };
+    let torchrun = ws.join(".venv/bin/torchrun");
+    assert!(torchrun.exists(), "{} is missing: run launch/setup.sh", torchrun.display());
+    // torchrun's agent serves the store (TORCHELASTIC_USE_AGENT_STORE): every rank is a client.
+    let a = run(
+        "torchrun",
+        Command::new(&torchrun).args(["--nproc-per-node", "2", "--no-python", env!("CARGO_BIN_EXE_longmix")]),
+    );
+    let c = run("multi", Command::new(ws.join("launch/multi.sh")).arg("2"));
+    assert_eq!(max_diff(&a, &c), 0.0, "the two launchers ran different numerics");
 }
