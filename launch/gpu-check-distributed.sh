@@ -14,7 +14,7 @@ selftest=${LONGMIX_SELFTEST:-target/release/c10d-selftest}
 model=$(realpath "${1:-.cache/models/smollm2-135m}")
 torchrun=${TORCHRUN:-$(command -v torchrun || echo .venv/bin/torchrun)}
 export RUST_LOG=warn
-# DEVICE=cpu SEQ=256 runs the same script on Gloo, as a dry check on a machine without a GPU.
+# DEVICE=cpu STEPS=2 runs the same script on Gloo, as a dry check on a machine without a GPU.
 device=${DEVICE:-cuda}
 backend=$([ "$device" = cpu ] && echo gloo || echo nccl)
 
@@ -35,13 +35,16 @@ path = "$model"
 device = "$device"
 [rope]
 target_length = 16384
-original_length = 256
+original_length = 512
 [data]
-sources = [{ type = "jsonl", path = "$PWD/.cache/pkgs/kjv-nt.jsonl", group_by = ["book", "chapter"] }]
+sources = [
+  { type = "jsonl", path = "$PWD/.cache/pkgs/kjv-ot.jsonl", group_by = ["book"] },
+  { type = "jsonl", path = "$PWD/.cache/pkgs/kjv-nt.jsonl", group_by = ["book", "chapter"] },
+]
 short_share = 0.5
 cache_dir = "$work/cache"
 [train]
-steps = 4
+steps = ${STEPS:-4}
 seq_len = ${SEQ:-1024}
 global_batch_rows = 2
 checkpoint_layers = true
@@ -63,7 +66,7 @@ RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29613 "$bin" 
 python3 - "$work/plain/metrics.jsonl" "$work/nccl1/metrics.jsonl" <<'PY'
 import json, sys
 a, b = ([m for m in map(json.loads, open(p)) if m["event"] == "step"] for p in sys.argv[1:3])
-assert len(a) == len(b) == 4, (len(a), len(b))
+assert len(a) == len(b) > 0, (len(a), len(b))
 for x, y in zip(a, b):
     for k in ("loss", "grad_norm"):
         d = abs(x[k] - y[k]) / max(abs(x[k]), 1e-12)

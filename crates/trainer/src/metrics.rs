@@ -86,6 +86,7 @@ impl Metrics {
             line["rank_compute_s"] = json!(s.rank_compute_s);
             line["rank_wait_s"] = json!(s.rank_wait_s);
             line["rank_idle_s"] = json!(idle);
+            line["rank_peak_rss_mb"] = json!(s.rank_peak_rss_mb);
         }
         self.write(line)
     }

@@ -196,11 +196,6 @@ impl AdamW {
         self.slots.keys().map(String::as_str)
     }
 
-    /// Parameter elements this optimizer holds state for.
-    pub fn elements(&self) -> u64 {
-        self.slots.values().map(|s| s.m.numel() as u64).sum()
-    }
-
     /// Bytes of optimizer state per parameter element (two float32 moments, plus a float32
     /// master when the model computes in bf16/f16).
     pub fn state_bytes_per_element(&self) -> u64 {

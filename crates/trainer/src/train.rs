@@ -55,6 +55,10 @@ pub struct Args {
     /// Stop (with a checkpoint) after this many steps of this invocation.
     #[arg(long)]
     pub stop_after: Option<u64>,
+    /// With --dry-run in one process: plan for this many data-parallel ranks (memory per rank,
+    /// with `distributed.zero1`; estimated idle time with and without row balancing).
+    #[arg(long, requires = "dry_run")]
+    pub world_size: Option<usize>,
 }
 
 /// What one optimizer step did.
@@ -88,6 +92,8 @@ pub struct StepStats {
     /// Per rank (data parallel only): forward + backward seconds and reduction wait seconds.
     pub rank_compute_s: Vec<f64>,
     pub rank_wait_s: Vec<f64>,
+    /// Per rank (data parallel only): peak resident memory in MB.
+    pub rank_peak_rss_mb: Vec<f64>,
     /// Whether any rank was asked to stop (SIGINT/SIGTERM); all ranks stop at the same step.
     pub stop_requested: bool,
 }
@@ -431,22 +437,25 @@ impl Trainer {
         }
         let compute_s = t0.elapsed().as_secs_f64();
         let (mut comm_wait_s, mut comm_launch_s) = (0.0, 0.0);
-        let (mut rank_compute_s, mut rank_wait_s, mut stop_requested) = (Vec::new(), Vec::new(), stop);
+        let (mut rank_compute_s, mut rank_wait_s, mut rank_peak_rss_mb) = (Vec::new(), Vec::new(), Vec::new());
+        let mut stop_requested = stop;
         if let (Some(f), Some(d)) = (inflight, &self.dist) {
             let times = f.finish().map_err(|e| d.failure(step, "gradient all-reduce", e))?;
             (comm_wait_s, comm_launch_s) = (times.wait_s, times.launch_s);
             // Losses, counts, timings and stop requests of every rank in one reduction.
             let w = d.world();
-            let mut v = vec![0.0; 8 + 2 * w];
+            let mut v = vec![0.0; 8 + 3 * w];
             v[..7].copy_from_slice(&sums);
             v[7] = stop as u8 as f64;
             v[8 + d.rank()] = compute_s;
             v[8 + w + d.rank()] = comm_wait_s;
+            v[8 + 2 * w + d.rank()] = peak_rss_mb();
             d.reduce_f64(&mut v, ReduceOp::Sum, step, "step statistics reduction")?;
             sums.copy_from_slice(&v[..7]);
             stop_requested = v[7] > 0.0;
             rank_compute_s = v[8..8 + w].to_vec();
-            rank_wait_s = v[8 + w..].to_vec();
+            rank_wait_s = v[8 + w..8 + 2 * w].to_vec();
+            rank_peak_rss_mb = v[8 + 2 * w..].to_vec();
         }
         let loss = (sums[0] + sums[3]) / step_targets.max(1) as f64;
         let grad_norm = optim::grad_norm(self.params.iter().map(|(_, t)| t));
@@ -485,6 +494,7 @@ impl Trainer {
             comm_wait_s,
             rank_compute_s,
             rank_wait_s,
+            rank_peak_rss_mb,
             stop_requested,
         })
     }
@@ -564,20 +574,40 @@ impl Trainer {
         export(&self.lm, &self.cfg.model.path, &self.extension, out, dtype, shard_mb)
     }
 
-    fn print_plan(&self, loader: &Loader) {
+    /// Estimated mean rank idle fraction over the first `steps` global steps of `loader`'s
+    /// rows, balanced and round-robin (from [`distributed::row_cost`]).
+    fn idle_estimate(&self, loader: &mut Loader, world: usize, steps: usize) -> (f64, f64) {
+        let (n, layers, hidden) = self.cost_model;
+        let mut idle = [0.0, 0.0];
+        for _ in 0..steps {
+            let costs: Vec<f64> = (0..self.cfg.rows_per_step(world))
+                .map(|_| distributed::row_cost(&loader.next_row(), n, layers, hidden))
+                .collect();
+            for (k, balance) in [true, false].into_iter().enumerate() {
+                let loads: Vec<f64> = distributed::assign_rows(&costs, world, balance)
+                    .iter()
+                    .map(|rows| rows.iter().map(|&i| costs[i]).sum())
+                    .collect();
+                let max = loads.iter().cloned().fold(0.0, f64::max);
+                idle[k] += loads.iter().map(|l| (max - l) / max).sum::<f64>() / world as f64 / steps as f64;
+            }
+        }
+        (idle[0], idle[1])
+    }
+
+    fn print_plan(&self, mut loader: Loader, world: usize) {
         let (cfg, lm, ext) = (&self.cfg, &self.lm, &self.extension);
         let c = &lm.model.config;
         let params: i64 = lm.vs.variables().values().map(|t| t.numel() as i64).sum();
         let t = &cfg.train;
-        let world = self.world();
+        let zero1 = world > 1 && cfg.distributed.zero1;
         let rows = cfg.rows_per_step(world);
         let kind = parse_dtype(&cfg.model.dtype).unwrap_or(Kind::Float);
         let bytes = kind.elt_size_in_bytes() as f64;
         // Weights + grads in the compute dtype, AdamW moments (+ masters unless f32) in float32
         // for the parameters this rank updates (all of them, or its ZeRO-1 share).
-        let state_gb = (params as f64 * 2.0 * bytes
-            + self.opt.elements() as f64 * self.opt.state_bytes_per_element() as f64)
-            / 1e9;
+        let opt_elements = if zero1 { params as f64 / world as f64 } else { params as f64 };
+        let state_gb = (params as f64 * 2.0 * bytes + opt_elements * self.opt.state_bytes_per_element() as f64) / 1e9;
         // Activations: with layer checkpointing one hidden state per layer plus one layer's
         // working set (~34 hidden-sized tensors); without, all layers' working sets.
         let tokens = (t.micro_batch_rows * t.seq_len) as f64;
@@ -612,6 +642,14 @@ impl Trainer {
             t.seq_len,
             cfg.tokens_per_step(world)
         );
+        if world > 1 {
+            let (bal, rr) = self.idle_estimate(&mut loader, world, 16);
+            println!(
+                "  rank idle      {:.1}% with rows balanced by compute, {:.1}% round-robin (estimated, first 16 steps)",
+                bal * 100.0,
+                rr * 100.0
+            );
+        }
         if let Some(d) = &self.dist {
             println!(
                 "  ranks          {world} ({:?} via {}), this one on {:?}; rows balanced by compute: {}, overlap: {}, \
@@ -631,9 +669,13 @@ impl Trainer {
             (1.0 - cfg.data.short_share) * 100.0
         );
         println!("  corpus         {} tokens in {} source(s)", loader.corpus().n_tokens(), loader.corpus().n_sources());
+        let ranks = if world > 1 {
+            format!(" per rank of {world}{}", if zero1 { " (ZeRO-1)" } else { "" })
+        } else {
+            String::new()
+        };
         println!(
-            "  memory (est.)  {state_gb:.2} GB weights+optimizer, {act_gb:.2} GB activations, {head_gb:.2} GB LM head{}",
-            if world > 1 { " (per rank)" } else { "" }
+            "  memory (est.)  {state_gb:.2} GB weights+optimizer, {act_gb:.2} GB activations, {head_gb:.2} GB LM head{ranks}"
         );
         println!(
             "  checkpoints    {} every {} steps, keep {} (about {:.2} GB each)",
@@ -691,7 +733,11 @@ pub fn run(args: Args) -> Result<()> {
     let main = t.is_main();
     if args.dry_run {
         if main {
-            t.print_plan(&loader);
+            let world = args.world_size.unwrap_or(t.world());
+            if t.dist.is_some() && world != t.world() {
+                bail!("--world-size {world}: this run already has {} ranks; leave --world-size out", t.world());
+            }
+            t.print_plan(loader, world);
             if let Some(w) = t.checkpoint_space_warning() {
                 println!("  warning        {w}");
             }

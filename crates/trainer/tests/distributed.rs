@@ -134,6 +134,15 @@ fn step_lines(metrics: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Block until rank 0 has logged its first step.
+fn wait_for_a_step(metrics: &Path) {
+    let t0 = Instant::now();
+    while !metrics.exists() || step_lines(metrics).is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no step within 2 minutes");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 // Summation order is the only difference between N ranks and one process: each rank sums its
 // rows' gradients, then the all-reduce sums the ranks (one process sums all rows in turn).
 // float32 addition reorderings change a gradient by a few ulps (~1e-7 relative); AdamW's
@@ -207,12 +216,7 @@ fn a_killed_rank_stops_the_others_with_its_name() {
     let b = Bench::new();
     let cfg = b.run("kill", 200, "[distributed]\ntimeout_s = 20\n");
     let mut kids = launch(&cfg, 2, &[]);
-    let metrics = b.root.join("kill/ckpt/metrics.jsonl");
-    let t0 = Instant::now();
-    while !metrics.exists() || step_lines(&metrics).is_empty() {
-        assert!(t0.elapsed() < Duration::from_secs(120), "no step within 2 minutes");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_a_step(&b.root.join("kill/ckpt/metrics.jsonl"));
     kids[1].kill().unwrap();
     let killed = Instant::now();
     let out = kids.remove(0).wait_with_output().unwrap();
@@ -237,12 +241,7 @@ fn a_hung_rank_stops_the_others_within_the_timeout() {
     let b = Bench::new();
     let cfg = b.run("hang", 200, "[distributed]\ntimeout_s = 5\n");
     let mut kids = launch(&cfg, 2, &[]);
-    let metrics = b.root.join("hang/ckpt/metrics.jsonl");
-    let t0 = Instant::now();
-    while !metrics.exists() || step_lines(&metrics).is_empty() {
-        assert!(t0.elapsed() < Duration::from_secs(120), "no step within 2 minutes");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_a_step(&b.root.join("hang/ckpt/metrics.jsonl"));
     // SIGSTOP: the process stays alive, its sockets open, and answers nothing.
     unsafe { libc::kill(kids[1].id() as i32, libc::SIGSTOP) };
     let stopped = Instant::now();

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Idle time of data-parallel ranks on mixed short/long rows, with and without balancing, and
+# the gradient reduction's wait with and without overlap: 2 ranks (Gloo, one thread each) on
+# a random 8-layer LLaMA (hidden 64, SmolLM2's tokenizer) whose long rows (one 4096-token
+# document) cost about 1.6x a row of packed short documents (<= 512 tokens).
+#
+#   benches/dp_balance.sh [steps]      (after launch/setup.sh and cargo build --release)
+#
+# Prints, per setting, the median over steps after the first of: the slowest rank's compute,
+# the mean rank idle time (waiting for the slowest), and the reduction wait; and writes
+# benches/results/dp_balance.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+steps=${1:-8}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+.venv/bin/python - "$work/model" <<'PY'
+import json, os, struct, sys, shutil
+import torch
+out = sys.argv[1]
+os.makedirs(out)
+cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
+       "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 8, "num_attention_heads": 4,
+       "num_key_value_heads": 2, "max_position_embeddings": 512, "rope_theta": 10000.0,
+       "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "hidden_act": "silu",
+       "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
+json.dump(cfg, open(f"{out}/config.json", "w"))
+g = torch.Generator().manual_seed(0)
+h, i, L, kv = 64, 128, 8, 32
+shapes = {"model.embed_tokens.weight": (49152, h), "model.norm.weight": (h,)}
+for l in range(L):
+    p = f"model.layers.{l}."
+    shapes.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+                   p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                   p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
+                   p + "post_attention_layernorm.weight": (h,)})
+tensors = {k: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.05) for k, s in shapes.items()}
+header, blobs, off = {}, [], 0
+for k, t in tensors.items():
+    b = struct.pack(f"<{t.numel()}f", *t.flatten().tolist())
+    header[k] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [off, off + len(b)]}
+    blobs.append(b); off += len(b)
+hb = json.dumps(header).encode(); hb += b" " * (-len(hb) % 8)
+with open(f"{out}/model.safetensors", "wb") as f:
+    f.write(struct.pack("<Q", len(hb))); f.write(hb); [f.write(b) for b in blobs]
+shutil.copy(".cache/models/smollm2-135m/tokenizer.json", out)
+PY
+run() {  # name balance overlap
+  cat >"$work/$1.toml" <<TOML
+[model]
+path = "$work/model"
+[rope]
+target_length = 4096
+[data]
+sources = [
+  { type = "jsonl", path = "$PWD/.cache/pkgs/kjv-ot.jsonl", group_by = ["book"] },
+  { type = "jsonl", path = "$PWD/.cache/pkgs/kjv-nt.jsonl", group_by = ["book", "chapter"] },
+]
+short_share = 0.5
+cache_dir = "$work/cache"
+[train]
+steps = $steps
+seq_len = 4096
+global_batch_rows = 4
+checkpoint_layers = true
+[optim]
+lr = 1e-4
+[checkpoint]
+dir = "$work/$1"
+[eval]
+short_rows = 0
+long_rows = 0
+[log]
+no_progress = true
+[distributed]
+balance = $2
+overlap = $3
+TOML
+  OMP_NUM_THREADS=1 MASTER_PORT=$((29700 + RANDOM % 200)) LOGDIR="$work/$1-logs" RUST_LOG=warn \
+    launch/multi.sh 2 train --config "$work/$1.toml" >/dev/null
+}
+# Alternate the settings twice so drift on a shared machine hits both alike.
+for round in 1 2; do
+  for setting in "balanced true true" "round_robin false true" "no_overlap true false"; do
+    set -- $setting
+    echo "round $round: $1" >&2
+    run "$1-$round" "$2" "$3"
+  done
+done
+mkdir -p benches/results
+.venv/bin/python - "$work" "$steps" <<'PY'
+import json, statistics as st, sys, os, glob
+work, steps = sys.argv[1], int(sys.argv[2])
+res = {}
+for name in ("balanced", "round_robin", "no_overlap"):
+    rows = []
+    for d in sorted(glob.glob(f"{work}/{name}-*/metrics.jsonl")):
+        rows += [m for m in map(json.loads, open(d)) if m["event"] == "step" and m["step"] > 1]
+    slow = st.median(max(m["rank_compute_s"]) for m in rows)
+    idle = st.median(st.mean(m["rank_idle_s"]) for m in rows)
+    wait = st.median(max(m["rank_wait_s"]) for m in rows)
+    step = st.median(m["step_s"] for m in rows)
+    res[name] = {"steps": len(rows), "step_s": step, "slowest_compute_s": slow, "mean_rank_idle_s": idle,
+                 "reduction_wait_s": wait, "idle_fraction": idle / slow}
+for k, v in res.items():
+    print(f"{k:12} step {v['step_s']:.2f} s  slowest rank compute {v['slowest_compute_s']:.2f} s  "
+          f"mean rank idle {v['mean_rank_idle_s']:.2f} s ({100 * v['idle_fraction']:.1f}%)  reduction wait {v['reduction_wait_s']:.3f} s")
+b, r = res["balanced"], res["round_robin"]
+print(f"balancing: step time x{r['step_s'] / b['step_s']:.2f} faster, idle {100*r['idle_fraction']:.1f}% -> {100*b['idle_fraction']:.1f}%")
+res["command"] = f"benches/dp_balance.sh {steps}"
+res["machine"] = f"{os.cpu_count()} cores"
+json.dump(res, open("benches/results/dp_balance.json", "w"), indent=1)
+PY
