@@ -78,7 +78,8 @@ balance = $2
 overlap = $3
 TOML
   OMP_NUM_THREADS=1 MASTER_PORT=$((29700 + RANDOM % 200)) LOGDIR="$work/$1-logs" RUST_LOG=warn \
-    launch/multi.sh 2 train --config "$work/$1.toml" >/dev/null
+    launch/multi.sh 2 train --config "$work/$1.toml" >/dev/null \
+    || { tail -n 5 "$work/$1-logs"/rank-*.log >&2; exit 1; }
 }
 # Alternate the settings twice so drift on a shared machine hits both alike.
 for round in 1 2; do

@@ -70,7 +70,7 @@ assert len(a) == len(b) > 0, (len(a), len(b))
 for x, y in zip(a, b):
     for k in ("loss", "grad_norm"):
         d = abs(x[k] - y[k]) / max(abs(x[k]), 1e-12)
-        print(f"step {x['step']} {k}: plain {x[k]:.6f}  nccl {y[k]:.6f}  rel diff {d:.1e}")
+        print(f"step {x['step']} {k}: plain {x[k]:.6f}  process group {y[k]:.6f}  rel diff {d:.1e}")
         assert d < 1e-4, f"world size 1 on NCCL differs from one process at step {x['step']} ({k})"
 print("world size 1 on the process group trains what one process trains")
 PY

@@ -20,23 +20,36 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / n > 0 ? $(nproc) / n : 
 pids=()
 for ((r = 0; r < n; r++)); do
   if [ "$r" = 0 ]; then
-    RANK=$r LOCAL_RANK=$r "$bin" "$@" 2>&1 | tee "$logdir/rank-$r.log" &
+    # A subshell, so that its status is the rank's, not tee's.
+    ( RANK=$r LOCAL_RANK=$r "$bin" "$@" 2>&1 | tee "$logdir/rank-$r.log"; exit "${PIPESTATUS[0]}" ) &
   else
     RANK=$r LOCAL_RANK=$r "$bin" "$@" >"$logdir/rank-$r.log" 2>&1 &
   fi
   pids+=($!)
 done
-trap 'kill "${pids[@]}" 2>/dev/null || true' INT TERM
+stop_all() {
+  for p in "${pids[@]}"; do
+    pkill -TERM -P "$p" 2>/dev/null || true
+    kill -TERM "$p" 2>/dev/null || true
+  done
+}
+trap 'stop_all' INT TERM
 status=0
-for ((left = n; left > 0; left--)); do
+left=("${pids[@]}")
+while [ "${#left[@]}" -gt 0 ]; do
+  finished=
   set +e
-  wait -n "${pids[@]}"
+  wait -n -p finished "${left[@]}"
   rc=$?
   set -e
+  [ -n "$finished" ] || break
+  rest=()
+  for p in "${left[@]}"; do [ "$p" = "$finished" ] || rest+=("$p"); done
+  left=("${rest[@]}")
   if [ "$rc" != 0 ] && [ "$status" = 0 ]; then
     status=$rc
     echo "a rank exited with status $rc; stopping the others (logs in $logdir)" >&2
-    kill "${pids[@]}" 2>/dev/null || true
+    stop_all
   fi
 done
 exit "$status"

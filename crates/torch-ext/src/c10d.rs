@@ -94,6 +94,9 @@ pub struct Rendezvous {
     pub is_server: bool,
     /// For connecting, for every collective and for store reads.
     pub timeout: Duration,
+    /// Namespace of this group's keys in the store (a restarted run under torchrun's agent
+    /// store, which outlives the ranks, takes a new one).
+    pub prefix: String,
 }
 
 /// One process group (every rank of the run).
@@ -143,7 +146,7 @@ impl ProcessGroup {
     /// Join the group (blocks until the store answers; the backend connects to every peer).
     pub fn new(backend: Backend, rv: &Rendezvous) -> Result<ProcessGroup> {
         let host = c_string(&rv.host);
-        let prefix = c_string("longmix/");
+        let prefix = c_string(&rv.prefix);
         let mut raw = std::ptr::null_mut();
         // SAFETY: valid C strings and out-pointer for the duration of the call.
         check(unsafe {

@@ -36,6 +36,8 @@ pub struct Launch {
     pub agent_store: bool,
     /// "torchrun" (or a launcher setting the same variables) or "slurm".
     pub launcher: &'static str,
+    /// torchrun's restart count (`TORCHELASTIC_RESTART_COUNT`), 0 otherwise.
+    pub restart: u64,
 }
 
 const DEFAULT_PORT: u16 = 29500;
@@ -82,6 +84,7 @@ impl Launch {
                 master_port: port,
                 agent_store: get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v == "True"),
                 launcher: "torchrun",
+                restart: parse_var::<u64>(get, "TORCHELASTIC_RESTART_COUNT")?.unwrap_or(0),
             };
             return launch.validated().map(Some);
         }
@@ -102,6 +105,7 @@ impl Launch {
             master_port: port,
             agent_store: false,
             launcher: "slurm",
+            restart: 0,
         }
         .validated()
         .map(Some)
@@ -140,6 +144,7 @@ impl Dist {
             world_size: launch.world_size,
             is_server: launch.rank == 0 && !launch.agent_store,
             timeout: Duration::from_secs(cfg.timeout_s),
+            prefix: format!("longmix/{}/", launch.restart),
         };
         let pg = ProcessGroup::new(backend, &rv).with_context(|| {
             format!(

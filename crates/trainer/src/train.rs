@@ -289,11 +289,18 @@ impl Trainer {
         }
         let dcfg = data_config(&cfg, &extension, &lm);
         if let Some(d) = &dist {
-            // Rank 0 tokenizes a missing cache; the others then open it.
-            let ok = d.rank() != 0 || longmix_data::prepare_cache(&dcfg, &tok_path, &cfg.data.cache_dir).is_ok();
-            let failed = d.failed_ranks(ok, 0, "data cache preparation")?;
-            if !failed.is_empty() && d.rank() != 0 {
-                bail!("rank 0 could not prepare the data cache (see its log)");
+            // Rank 0 tokenizes a missing cache (hours for a big corpus, longer than any
+            // collective timeout); the others wait for its word in the store, then open it.
+            if d.rank() == 0 {
+                let prepared = longmix_data::prepare_cache(&dcfg, &tok_path, &cfg.data.cache_dir);
+                let word = prepared.as_ref().map_or_else(|e| format!("failed: {e:#}"), |_| "ok".into());
+                d.pg.store_set("data_cache", &word)?;
+                prepared?;
+            } else {
+                let word = d.pg.store_get("data_cache", std::time::Duration::from_secs(7 * 24 * 3600))?;
+                if word != "ok" {
+                    bail!("rank 0 could not prepare the data cache: {word}");
+                }
             }
         }
         let loader = match &resumed {

@@ -29,6 +29,7 @@ fn main() -> Result<()> {
         world_size: world,
         is_server: rank == 0 && !agent,
         timeout: Duration::from_secs(std::env::var("TIMEOUT_S").map_or(30, |s| s.parse().unwrap_or(30))),
+        prefix: "selftest/".into(),
     };
     let device = match backend {
         Backend::Gloo => Device::Cpu,
