@@ -156,6 +156,14 @@ char* lm_work_wait(LmWork* w) {
   return guard([&] { w->work->wait(w->timeout); });
 }
 
+int lm_work_is_completed(LmWork* w) {
+  try {
+    return w->work->isCompleted() ? 1 : 0;
+  } catch (...) {
+    return 1;  // the error comes out of lm_work_wait
+  }
+}
+
 void lm_work_free(LmWork* w) { delete w; }
 
 char* lm_store_set(LmGroup* g, const char* key, const char* value) {

@@ -41,6 +41,7 @@ extern "C" {
     fn lm_broadcast(g: *mut RawGroup, t: *mut c_void, root: c_int, work: *mut *mut RawWork) -> *mut c_char;
     fn lm_barrier(g: *mut RawGroup) -> *mut c_char;
     fn lm_work_wait(w: *mut RawWork) -> *mut c_char;
+    fn lm_work_is_completed(w: *mut RawWork) -> c_int;
     fn lm_work_free(w: *mut RawWork);
     fn lm_heartbeat_start(g: *mut RawGroup, key: *const c_char, interval_ms: i64) -> *mut c_char;
     fn lm_store_set(g: *mut RawGroup, key: *const c_char, value: *const c_char) -> *mut c_char;
@@ -122,6 +123,12 @@ pub struct Work {
 unsafe impl Send for Work {}
 
 impl Work {
+    /// Whether the operation has finished (successfully or not); never blocks.
+    pub fn is_completed(&self) -> bool {
+        // SAFETY: `raw` is a live work handle.
+        unsafe { lm_work_is_completed(self.raw) != 0 }
+    }
+
     pub fn wait(self) -> Result<()> {
         // SAFETY: `raw` is a live work handle (freed only in Drop).
         check(unsafe { lm_work_wait(self.raw) })

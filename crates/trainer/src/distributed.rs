@@ -321,15 +321,18 @@ impl GradSync {
 
     /// Start a step's reduction; feed it [`InFlight::layer_done`] and finish it.
     pub fn begin<'a>(&'a self, pg: &'a ProcessGroup) -> InFlight<'a> {
-        InFlight { sync: self, pg, works: Vec::new(), launched: 0, error: None, launch_s: 0.0 }
+        InFlight { sync: self, pg, works: Default::default(), launched: 0, error: None, launch_s: 0.0 }
     }
 }
 
-/// One step's gradient reduction in flight.
+/// One step's gradient reduction in flight. A bucket's float32 buffer lives only while its
+/// all-reduce runs: finished buckets are written back (and their buffers freed) as later layers
+/// complete, so the buffers never add up to a full float32 copy of the gradients.
 pub struct InFlight<'a> {
     sync: &'a GradSync,
     pg: &'a ProcessGroup,
-    works: Vec<(Work, Tensor)>,
+    /// (bucket, its all-reduce, its buffer), oldest first.
+    works: std::collections::VecDeque<(usize, Work, Tensor)>,
     launched: usize,
     error: Option<anyhow::Error>,
     launch_s: f64,
@@ -346,12 +349,28 @@ impl InFlight<'_> {
             .collect();
         let buf = Tensor::cat(&flat, 0);
         match self.pg.all_reduce_async(&buf) {
-            Ok(w) => self.works.push((w, buf)),
+            Ok(w) => self.works.push_back((b, w, buf)),
             Err(e) => {
                 self.error.get_or_insert(e);
             }
         }
         self.launch_s += t0.elapsed().as_secs_f64();
+    }
+
+    /// Wait for the oldest bucket and copy its sum into the gradients.
+    fn complete_oldest(&mut self) -> Result<()> {
+        let (b, work, buf) = self.works.pop_front().expect("a bucket in flight");
+        work.wait()?;
+        let mut off = 0;
+        tch::no_grad(|| {
+            for &i in &self.sync.buckets[b] {
+                let mut g = self.sync.params[i].grad();
+                let n = g.numel() as i64;
+                g.copy_(&buf.narrow(0, off, n).view_as(&g));
+                off += n;
+            }
+        });
+        Ok(())
     }
 
     /// Decoder layer `layer` (and so every later one) has its gradients complete.
@@ -360,6 +379,12 @@ impl InFlight<'_> {
             match self.sync.ready_at[self.launched] {
                 Some(lowest) if lowest >= layer => self.launch_next(),
                 _ => break,
+            }
+        }
+        // Write back what has already finished (without waiting), freeing its buffer.
+        while self.error.is_none() && self.works.front().is_some_and(|(_, w, _)| w.is_completed()) {
+            if let Err(e) = self.complete_oldest() {
+                self.error = Some(e);
             }
         }
     }
@@ -374,18 +399,8 @@ impl InFlight<'_> {
             return Err(e);
         }
         let t0 = Instant::now();
-        let works = std::mem::take(&mut self.works);
-        for (b, (work, buf)) in works.into_iter().enumerate() {
-            work.wait()?;
-            let mut off = 0;
-            tch::no_grad(|| {
-                for &i in &self.sync.buckets[b] {
-                    let mut g = self.sync.params[i].grad();
-                    let n = g.numel() as i64;
-                    g.copy_(&buf.narrow(0, off, n).view_as(&g));
-                    off += n;
-                }
-            });
+        while !self.works.is_empty() {
+            self.complete_oldest()?;
         }
         Ok(CommTimes { launch_s: self.launch_s, wait_s: t0.elapsed().as_secs_f64() })
     }

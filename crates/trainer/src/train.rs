@@ -313,9 +313,10 @@ impl Trainer {
         let mut params: Vec<(String, Tensor)> = lm.vs.variables().into_iter().collect();
         params.sort_by(|a, b| a.0.cmp(&b.0));
         let owner = dist.as_ref().filter(|d| d.cfg.zero1).map(|d| distributed::owners(&params, d.world()));
+        let rank = dist.as_ref().map_or(0, |d| d.rank());
         let mine: BTreeMap<String, Tensor> = params
             .iter()
-            .filter(|(n, _)| owner.as_ref().is_none_or(|o| Some(&o[n]) == dist.as_ref().map(|d| d.rank()).as_ref()))
+            .filter(|(n, _)| owner.as_ref().is_none_or(|o| o[n] == rank))
             .map(|(n, t)| (n.clone(), t.shallow_clone()))
             .collect();
         let mut opt = AdamW::new(cfg.optim.clone(), mine, kind);

@@ -54,6 +54,11 @@ fn main() -> Result<()> {
     expect(&t, 1.0, "all-reduce min")?;
     let (a, b) = (mine.copy(), mine.copy() * 2.0);
     let (wa, wb) = (pg.all_reduce_async(&a)?, pg.all_reduce_async(&b)?);
+    let t0 = std::time::Instant::now();
+    while !wb.is_completed() {
+        ensure!(t0.elapsed() < rv.timeout, "rank {rank}: an all-reduce never reported completion");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     wb.wait()?;
     wa.wait()?;
     expect(&a, w * (w + 1.0) / 2.0, "async all-reduce")?;
