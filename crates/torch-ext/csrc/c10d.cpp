@@ -129,6 +129,23 @@ char* lm_allreduce(LmGroup* g, void* tensor, int op, LmWork** work) {
   });
 }
 
+// Sum into rank `root`'s tensor (the others' are left unspecified).
+char* lm_reduce(LmGroup* g, void* tensor, int root, LmWork** work) {
+  return guard([&] {
+    std::vector<at::Tensor> ts{*static_cast<at::Tensor*>(tensor)};
+    c10d::ReduceOptions o;
+    o.reduceOp = c10d::ReduceOp::SUM;
+    o.rootRank = root;
+    o.timeout = g->timeout;
+    auto w = g->backend->reduce(ts, o);
+    if (work) {
+      *work = new LmWork{w, g->timeout};
+    } else {
+      w->wait(g->timeout);
+    }
+  });
+}
+
 char* lm_broadcast(LmGroup* g, void* tensor, int root, LmWork** work) {
   return guard([&] {
     std::vector<at::Tensor> ts{*static_cast<at::Tensor*>(tensor)};

@@ -39,6 +39,7 @@ extern "C" {
     fn lm_group_free(g: *mut RawGroup);
     fn lm_allreduce(g: *mut RawGroup, t: *mut c_void, op: c_int, work: *mut *mut RawWork) -> *mut c_char;
     fn lm_broadcast(g: *mut RawGroup, t: *mut c_void, root: c_int, work: *mut *mut RawWork) -> *mut c_char;
+    fn lm_reduce(g: *mut RawGroup, t: *mut c_void, root: c_int, work: *mut *mut RawWork) -> *mut c_char;
     fn lm_barrier(g: *mut RawGroup) -> *mut c_char;
     fn lm_work_wait(w: *mut RawWork) -> *mut c_char;
     fn lm_work_is_completed(w: *mut RawWork) -> c_int;
@@ -183,6 +184,15 @@ impl ProcessGroup {
         let mut w = std::ptr::null_mut();
         // SAFETY: as above; `w` receives a handle the Work owns.
         check(unsafe { lm_allreduce(self.raw, tensor_ptr(t)?, ReduceOp::Sum as c_int, &mut w) })?;
+        Ok(Work { raw: w, _tensor: t.shallow_clone() })
+    }
+
+    /// Start summing every rank's `t` into rank `root`'s (the others' `t` is left unspecified);
+    /// wait on the returned [`Work`].
+    pub fn reduce_async(&self, t: &Tensor, root: usize) -> Result<Work> {
+        let mut w = std::ptr::null_mut();
+        // SAFETY: as for all_reduce_async.
+        check(unsafe { lm_reduce(self.raw, tensor_ptr(t)?, root as c_int, &mut w) })?;
         Ok(Work { raw: w, _tensor: t.shallow_clone() })
     }
 

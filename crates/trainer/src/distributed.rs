@@ -263,11 +263,14 @@ fn layer_of(name: &str) -> Option<usize> {
 }
 
 /// Gradient buckets in the order the backward completes them: the last layer's first, the
-/// embedding, final norm and LM head last.
+/// embedding, final norm and LM head last. Plain data parallelism all-reduces each bucket;
+/// ZeRO-1 reduces it to the rank owning its parameters (a bucket never spans two owners).
 pub struct GradSync {
     params: Vec<Tensor>,
     /// Parameter indices per bucket.
     buckets: Vec<Vec<usize>>,
+    /// ZeRO-1: the rank each bucket is reduced to.
+    bucket_owner: Option<Vec<usize>>,
     /// The lowest decoder layer in each bucket (None: holds a parameter completed only at the end).
     ready_at: Vec<Option<usize>>,
 }
@@ -282,15 +285,22 @@ pub struct CommTimes {
     pub wait_s: f64,
 }
 
+/// Parameter indices in the order the backward completes them: layers from last to first,
+/// then the parameters completed only at the end; by (sorted) name within.
+fn backward_order(params: &[(String, Tensor)]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..params.len()).collect();
+    order.sort_by_key(|&i| {
+        let l = layer_of(&params[i].0);
+        (l.is_none(), std::cmp::Reverse(l.unwrap_or(0)), i)
+    });
+    order
+}
+
 impl GradSync {
-    /// `params` sorted by name (as every rank sorts them).
-    pub fn new(params: &[(String, Tensor)], bucket_bytes: usize) -> GradSync {
-        let mut order: Vec<usize> = (0..params.len()).collect();
-        // Layers from last to first, then the parameters completed only at the end; by name within.
-        order.sort_by_key(|&i| {
-            let l = layer_of(&params[i].0);
-            (l.is_none(), std::cmp::Reverse(l.unwrap_or(0)), i)
-        });
+    /// `params` sorted by name (as every rank sorts them); `owner` for ZeRO-1 ([`owners`]).
+    pub fn new(params: &[(String, Tensor)], bucket_bytes: usize, owner: Option<&BTreeMap<String, usize>>) -> GradSync {
+        let order = backward_order(params);
+        let mut bucket_owner: Vec<usize> = Vec::new();
         let mut buckets: Vec<Vec<usize>> = Vec::new();
         let mut ready_at: Vec<Option<usize>> = Vec::new();
         let mut bytes = 0usize;
@@ -299,9 +309,12 @@ impl GradSync {
             let size = params[i].1.numel() * 4;
             let full = bytes > 0 && bytes + size > bucket_bytes;
             let end_group_starts = layer.is_none() && ready_at.last().is_some_and(|r| r.is_some());
-            if buckets.is_empty() || full || end_group_starts {
+            let rank = owner.map_or(0, |o| o[&params[i].0]);
+            let owner_changes = bucket_owner.last().is_some_and(|&r| r != rank);
+            if buckets.is_empty() || full || end_group_starts || owner_changes {
                 buckets.push(Vec::new());
                 ready_at.push(layer);
+                bucket_owner.push(rank);
                 bytes = 0;
             }
             buckets.last_mut().unwrap().push(i);
@@ -312,7 +325,12 @@ impl GradSync {
             };
             bytes += size;
         }
-        GradSync { params: params.iter().map(|(_, t)| t.shallow_clone()).collect(), buckets, ready_at }
+        GradSync {
+            params: params.iter().map(|(_, t)| t.shallow_clone()).collect(),
+            buckets,
+            bucket_owner: owner.map(|_| bucket_owner),
+            ready_at,
+        }
     }
 
     pub fn n_buckets(&self) -> usize {
@@ -348,7 +366,11 @@ impl InFlight<'_> {
             .map(|&i| self.sync.params[i].grad().detach().to_kind(Kind::Float).reshape([-1]))
             .collect();
         let buf = Tensor::cat(&flat, 0);
-        match self.pg.all_reduce_async(&buf) {
+        let work = match &self.sync.bucket_owner {
+            Some(owner) => self.pg.reduce_async(&buf, owner[b]),
+            None => self.pg.all_reduce_async(&buf),
+        };
+        match work {
             Ok(w) => self.works.push_back((b, w, buf)),
             Err(e) => {
                 self.error.get_or_insert(e);
@@ -357,10 +379,14 @@ impl InFlight<'_> {
         self.launch_s += t0.elapsed().as_secs_f64();
     }
 
-    /// Wait for the oldest bucket and copy its sum into the gradients.
+    /// Wait for the oldest bucket and copy its sum into the gradients (ZeRO-1: on its owner;
+    /// the other ranks' gradients of those parameters stay partial and are not used).
     fn complete_oldest(&mut self) -> Result<()> {
         let (b, work, buf) = self.works.pop_front().expect("a bucket in flight");
         work.wait()?;
+        if self.sync.bucket_owner.as_ref().is_some_and(|o| o[b] != self.pg.rank) {
+            return Ok(());
+        }
         let mut off = 0;
         tch::no_grad(|| {
             for &i in &self.sync.buckets[b] {
@@ -406,17 +432,20 @@ impl InFlight<'_> {
     }
 }
 
-/// ZeRO-1: the rank that owns each parameter (largest first, to the rank with the fewest
-/// elements so far; ties to the lower rank). Depends only on names, sizes and `world`.
+/// ZeRO-1: the rank that owns each parameter. Ranks own contiguous runs of the backward
+/// order with about the same number of elements (as DeepSpeed partitions its flat buffer, but
+/// by whole parameters), so each gradient bucket goes to one owner. Depends only on names,
+/// sizes and `world`.
 pub fn owners(params: &[(String, Tensor)], world: usize) -> BTreeMap<String, usize> {
-    let mut order: Vec<usize> = (0..params.len()).collect();
-    order.sort_by(|&a, &b| params[b].1.numel().cmp(&params[a].1.numel()).then(a.cmp(&b)));
-    let mut load = vec![0usize; world];
+    let total: usize = params.iter().map(|(_, t)| t.numel()).sum();
+    let mut seen = 0usize;
     let mut out = BTreeMap::new();
-    for i in order {
-        let r = (0..world).min_by_key(|&r| (load[r], r)).unwrap();
-        load[r] += params[i].1.numel();
-        out.insert(params[i].0.clone(), r);
+    for i in backward_order(params) {
+        let size = params[i].1.numel();
+        // The rank whose share holds this parameter's middle element.
+        let mid = seen + size / 2;
+        out.insert(params[i].0.clone(), (mid * world / total.max(1)).min(world - 1));
+        seen += size;
     }
     out
 }
@@ -537,15 +566,23 @@ mod tests {
             p("model.layers.1.b", 4),
             p("model.norm.weight", 1),
         ];
-        let s = GradSync::new(&params, 32);
+        let s = GradSync::new(&params, 32, None);
         // 32 bytes = 8 floats: layer 1's two, then layer 0's two, then the end-only group.
         assert_eq!(s.buckets, vec![vec![4, 5], vec![2, 3], vec![0], vec![1], vec![6]]);
         assert_eq!(s.ready_at, vec![Some(1), Some(0), None, None, None]);
-        assert_eq!(GradSync::new(&params, 1 << 20).buckets, vec![vec![4, 5, 2, 3], vec![0, 1, 6]]);
+        assert_eq!(GradSync::new(&params, 1 << 20, None).buckets, vec![vec![4, 5, 2, 3], vec![0, 1, 6]]);
+        // ZeRO-1 over 2 ranks: the layers (16 elements) to rank 0, the end group (21) to rank 1;
+        // a bucket never spans two owners.
         let o = owners(&params, 2);
         let load: Vec<usize> =
             (0..2).map(|r| params.iter().filter(|(n, _)| o[n] == r).map(|(_, t)| t.numel()).sum()).collect();
-        assert_eq!(load.iter().sum::<usize>(), 37);
-        assert!(load[0].abs_diff(load[1]) <= 4, "{load:?}");
+        assert_eq!(load, vec![16, 21]);
+        let z = GradSync::new(&params, 1 << 20, Some(&o));
+        assert_eq!(z.buckets, vec![vec![4, 5, 2, 3], vec![0, 1, 6]]);
+        assert_eq!(z.bucket_owner, Some(vec![0, 1]));
+        let o3 = owners(&params, 3);
+        let z3 = GradSync::new(&params, 1 << 20, Some(&o3));
+        assert!(z3.bucket_owner.as_ref().unwrap().windows(2).all(|w| w[0] <= w[1]), "contiguous runs");
+        assert_eq!(o3.values().collect::<std::collections::BTreeSet<_>>().len(), 3, "every rank owns something");
     }
 }

@@ -321,7 +321,7 @@ impl Trainer {
             .collect();
         let mut opt = AdamW::new(cfg.optim.clone(), mine, kind);
         lm.vs.set_kind(kind);
-        let sync = dist.as_ref().map(|d| GradSync::new(&params, (d.cfg.bucket_mb * 1e6) as usize));
+        let sync = dist.as_ref().map(|d| GradSync::new(&params, (d.cfg.bucket_mb * 1e6) as usize, owner.as_ref()));
         let mut state = TrainerState { step: 0, tokens_seen: 0, loader: loader.state(), rope: extension.clone() };
         if let Some(c) = resumed {
             c.load_weights(&lm)?;
@@ -466,7 +466,16 @@ impl Trainer {
             rank_peak_rss_mb = v[8 + 2 * w..].to_vec();
         }
         let loss = (sums[0] + sums[3]) / step_targets.max(1) as f64;
-        let grad_norm = optim::grad_norm(self.params.iter().map(|(_, t)| t));
+        let grad_norm = match (&self.owner, &self.dist) {
+            // ZeRO-1: each rank holds the summed gradients of its own parameters only.
+            (Some(owner), Some(d)) => {
+                let norm = optim::grad_norm(self.params.iter().filter(|(n, _)| owner[n] == d.rank()).map(|(_, t)| t));
+                let mut sq = [norm * norm];
+                d.reduce_f64(&mut sq, ReduceOp::Sum, step, "gradient norm reduction")?;
+                sq[0].sqrt()
+            }
+            _ => optim::grad_norm(self.params.iter().map(|(_, t)| t)),
+        };
         if !loss.is_finite() || !grad_norm.is_finite() {
             bail!(
                 "step {step}: the loss is {loss} and the gradient norm {grad_norm}: training diverged. Nothing was saved or \

@@ -1,6 +1,6 @@
 //! `c10d-selftest BACKEND`: one rank of a collectives check, run by N processes at once
 //! (torchrun's variables: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; LOCAL_RANK picks the GPU
-//! for nccl). Every rank checks all-reduce (sum, max, min, async), broadcast, barrier and the
+//! for nccl). Every rank checks all-reduce (sum, max, min, async), reduce, broadcast, barrier and the
 //! store against values it computes itself, prints `ok rank R of W`, and exits non-zero on any
 //! mismatch. Used by the crate's tests (Gloo) and by `launch/gpu-check.sh` (NCCL).
 
@@ -67,6 +67,11 @@ fn main() -> Result<()> {
     let t = mine.copy();
     pg.broadcast(&t, root)?;
     expect(&t, world as f64, "broadcast")?;
+    let t = mine.copy();
+    pg.reduce_async(&t, root)?.wait()?;
+    if rank == root {
+        expect(&t, w * (w + 1.0) / 2.0, "reduce")?;
+    }
     pg.store_set(&format!("selftest/{rank}"), &format!("hello from {rank}"))?;
     let peer = (rank + 1) % world;
     let got = pg.store_get(&format!("selftest/{peer}"), rv.timeout)?;
