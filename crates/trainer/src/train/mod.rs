@@ -37,6 +37,8 @@ use crate::device::{parse_device, parse_dtype};
 use crate::distributed::{self, Dist, GradSync, Launch};
 use crate::metrics::{peak_rss_mb, Metrics};
 use crate::optim::{self, AdamW};
+
+mod plan;
 use crate::schedule::Schedule;
 
 #[derive(clap::Args)]
@@ -589,118 +591,6 @@ impl Trainer {
     /// Write the Hugging Face folder of the trained model.
     pub fn export(&self, out: &Path, dtype: &str, shard_mb: u64) -> Result<()> {
         export(&self.lm, &self.cfg.model.path, &self.extension, out, dtype, shard_mb)
-    }
-
-    /// Estimated mean rank idle fraction over the first `steps` global steps of `loader`'s
-    /// rows, balanced and round-robin (from [`distributed::row_cost`]).
-    fn idle_estimate(&self, loader: &mut Loader, world: usize, steps: usize) -> (f64, f64) {
-        let (n, layers, hidden) = self.cost_model;
-        let mut idle = [0.0, 0.0];
-        for _ in 0..steps {
-            let costs: Vec<f64> = (0..self.cfg.rows_per_step(world))
-                .map(|_| distributed::row_cost(&loader.next_row(), n, layers, hidden))
-                .collect();
-            for (k, balance) in [true, false].into_iter().enumerate() {
-                let loads: Vec<f64> = distributed::assign_rows(&costs, world, balance)
-                    .iter()
-                    .map(|rows| rows.iter().map(|&i| costs[i]).sum())
-                    .collect();
-                let max = loads.iter().cloned().fold(0.0, f64::max);
-                idle[k] += loads.iter().map(|l| (max - l) / max).sum::<f64>() / world as f64 / steps as f64;
-            }
-        }
-        (idle[0], idle[1])
-    }
-
-    fn print_plan(&self, mut loader: Loader, world: usize) {
-        let (cfg, lm, ext) = (&self.cfg, &self.lm, &self.extension);
-        let c = &lm.model.config;
-        let params: i64 = lm.vs.variables().values().map(|t| t.numel() as i64).sum();
-        let t = &cfg.train;
-        let zero1 = world > 1 && cfg.distributed.zero1;
-        let rows = cfg.rows_per_step(world);
-        let kind = parse_dtype(&cfg.model.dtype).unwrap_or(Kind::Float);
-        let bytes = kind.elt_size_in_bytes() as f64;
-        // Weights + grads in the compute dtype, AdamW moments (+ masters unless f32) in float32
-        // for the parameters this rank updates (all of them, or its ZeRO-1 share).
-        let opt_elements = if zero1 { params as f64 / world as f64 } else { params as f64 };
-        let state_gb = (params as f64 * 2.0 * bytes + opt_elements * self.opt.state_bytes_per_element() as f64) / 1e9;
-        // Activations: with layer checkpointing one hidden state per layer plus one layer's
-        // working set (~34 hidden-sized tensors); without, all layers' working sets.
-        let tokens = (t.micro_batch_rows * t.seq_len) as f64;
-        let per_layer = tokens * c.hidden_size as f64 * bytes * 34.0;
-        let act_gb = if t.checkpoint_layers {
-            (tokens * c.hidden_size as f64 * bytes * c.num_hidden_layers as f64 + per_layer) / 1e9
-        } else {
-            per_layer * c.num_hidden_layers as f64 / 1e9
-        };
-        let head_tokens = if t.loss_chunk > 0 { (t.loss_chunk as f64).min(tokens) } else { tokens };
-        let head_gb = head_tokens * c.vocab_size as f64 * 4.0 * 2.0 / 1e9;
-        let (l0, l) = (ext.original_length, ext.target_length);
-        println!("plan");
-        println!(
-            "  model          {} ({:?}, {:.1}M parameters, {} layers)",
-            cfg.model.path.display(),
-            c.arch,
-            params as f64 / 1e6,
-            c.num_hidden_layers
-        );
-        println!("  window         {l0} -> {l} (x{:.2}), attention factor {:.4}", ext.scale(), ext.attention_factor);
-        println!(
-            "  long factors   {:.3} .. {:.3}   short factors {:.3} .. {:.3}",
-            ext.long_factor[0],
-            ext.long_factor.last().unwrap(),
-            ext.short_factor[0],
-            ext.short_factor.last().unwrap()
-        );
-        println!(
-            "  steps          {}, {rows} rows x {} tokens = {} tokens/step",
-            self.total_steps,
-            t.seq_len,
-            cfg.tokens_per_step(world)
-        );
-        if world > 1 {
-            let (bal, rr) = self.idle_estimate(&mut loader, world, 16);
-            println!(
-                "  rank idle      {:.1}% with rows balanced by compute, {:.1}% round-robin (estimated, first 16 steps)",
-                bal * 100.0,
-                rr * 100.0
-            );
-        }
-        if let Some(d) = &self.dist {
-            println!(
-                "  ranks          {world} ({:?} via {}), this one on {:?}; rows balanced by compute: {}, overlap: {}, \
-                 ZeRO-1: {}, {} gradient buckets",
-                d.pg.backend,
-                d.launch.launcher,
-                self.device,
-                d.cfg.balance,
-                d.cfg.overlap,
-                d.cfg.zero1,
-                self.sync.as_ref().map_or(0, |s| s.n_buckets())
-            );
-        }
-        println!(
-            "  rows           {:.0}% short (documents <= {l0}), {:.0}% long",
-            cfg.data.short_share * 100.0,
-            (1.0 - cfg.data.short_share) * 100.0
-        );
-        println!("  corpus         {} tokens in {} source(s)", loader.corpus().n_tokens(), loader.corpus().n_sources());
-        let ranks = if world > 1 {
-            format!(" per rank of {world}{}", if zero1 { " (ZeRO-1)" } else { "" })
-        } else {
-            String::new()
-        };
-        println!(
-            "  memory (est.)  {state_gb:.2} GB weights+optimizer, {act_gb:.2} GB activations, {head_gb:.2} GB LM head{ranks}"
-        );
-        println!(
-            "  checkpoints    {} every {} steps, keep {} (about {:.2} GB each)",
-            cfg.checkpoint.dir.display(),
-            cfg.checkpoint.every,
-            cfg.checkpoint.keep,
-            Checkpoint::size_estimate(lm, &self.opt) as f64 / 1e9
-        );
     }
 }
 
