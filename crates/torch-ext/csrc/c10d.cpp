@@ -113,6 +113,19 @@ char* lm_group_new(int backend, const char* host, int port, int rank, int world,
 
 void lm_group_free(LmGroup* g) { delete g; }
 
+}  // extern "C"
+
+// Give a started operation to the caller (`work` not NULL) or wait for it here.
+static void hand_over(LmGroup* g, const c10::intrusive_ptr<c10d::Work>& w, LmWork** work) {
+  if (work) {
+    *work = new LmWork{w, g->timeout};
+  } else {
+    w->wait(g->timeout);
+  }
+}
+
+extern "C" {
+
 // op: 0 = sum, 1 = max, 2 = min. With `work` NULL the call waits; otherwise it returns a handle.
 char* lm_allreduce(LmGroup* g, void* tensor, int op, LmWork** work) {
   return guard([&] {
@@ -121,11 +134,7 @@ char* lm_allreduce(LmGroup* g, void* tensor, int op, LmWork** work) {
     o.reduceOp = op == 0 ? c10d::ReduceOp::SUM : op == 1 ? c10d::ReduceOp::MAX : c10d::ReduceOp::MIN;
     o.timeout = g->timeout;
     auto w = g->backend->allreduce(ts, o);
-    if (work) {
-      *work = new LmWork{w, g->timeout};
-    } else {
-      w->wait(g->timeout);
-    }
+    hand_over(g, w, work);
   });
 }
 
@@ -138,11 +147,7 @@ char* lm_reduce(LmGroup* g, void* tensor, int root, LmWork** work) {
     o.rootRank = root;
     o.timeout = g->timeout;
     auto w = g->backend->reduce(ts, o);
-    if (work) {
-      *work = new LmWork{w, g->timeout};
-    } else {
-      w->wait(g->timeout);
-    }
+    hand_over(g, w, work);
   });
 }
 
@@ -153,11 +158,7 @@ char* lm_broadcast(LmGroup* g, void* tensor, int root, LmWork** work) {
     o.rootRank = root;
     o.timeout = g->timeout;
     auto w = g->backend->broadcast(ts, o);
-    if (work) {
-      *work = new LmWork{w, g->timeout};
-    } else {
-      w->wait(g->timeout);
-    }
+    hand_over(g, w, work);
   });
 }
 

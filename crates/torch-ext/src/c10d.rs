@@ -179,21 +179,24 @@ impl ProcessGroup {
         check(unsafe { lm_allreduce(self.raw, tensor_ptr(t)?, op as c_int, std::ptr::null_mut()) })
     }
 
+    /// Run `start` (one of the C calls above) on `t` with an out-pointer for its handle.
+    fn started(&self, t: &Tensor, start: impl FnOnce(*mut c_void, *mut *mut RawWork) -> *mut c_char) -> Result<Work> {
+        let mut w = std::ptr::null_mut();
+        check(start(tensor_ptr(t)?, &mut w))?;
+        Ok(Work { raw: w, _tensor: t.shallow_clone() })
+    }
+
     /// Start a sum all-reduce of `t` in place; wait on the returned [`Work`].
     pub fn all_reduce_async(&self, t: &Tensor) -> Result<Work> {
-        let mut w = std::ptr::null_mut();
-        // SAFETY: as above; `w` receives a handle the Work owns.
-        check(unsafe { lm_allreduce(self.raw, tensor_ptr(t)?, ReduceOp::Sum as c_int, &mut w) })?;
-        Ok(Work { raw: w, _tensor: t.shallow_clone() })
+        // SAFETY: live group, a valid tensor pointer; `w` receives a handle the Work owns.
+        self.started(t, |p, w| unsafe { lm_allreduce(self.raw, p, ReduceOp::Sum as c_int, w) })
     }
 
     /// Start summing every rank's `t` into rank `root`'s (the others' `t` is left unspecified);
     /// wait on the returned [`Work`].
     pub fn reduce_async(&self, t: &Tensor, root: usize) -> Result<Work> {
-        let mut w = std::ptr::null_mut();
         // SAFETY: as for all_reduce_async.
-        check(unsafe { lm_reduce(self.raw, tensor_ptr(t)?, root as c_int, &mut w) })?;
-        Ok(Work { raw: w, _tensor: t.shallow_clone() })
+        self.started(t, |p, w| unsafe { lm_reduce(self.raw, p, root as c_int, w) })
     }
 
     /// Copy rank `root`'s `t` into every rank's `t`.
@@ -204,10 +207,8 @@ impl ProcessGroup {
 
     /// Start a broadcast from `root`; wait on the returned [`Work`].
     pub fn broadcast_async(&self, t: &Tensor, root: usize) -> Result<Work> {
-        let mut w = std::ptr::null_mut();
         // SAFETY: as for all_reduce_async.
-        check(unsafe { lm_broadcast(self.raw, tensor_ptr(t)?, root as c_int, &mut w) })?;
-        Ok(Work { raw: w, _tensor: t.shallow_clone() })
+        self.started(t, |p, w| unsafe { lm_broadcast(self.raw, p, root as c_int, w) })
     }
 
     pub fn barrier(&self) -> Result<()> {

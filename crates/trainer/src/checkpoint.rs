@@ -252,6 +252,8 @@ pub fn save(
             if lead {
                 let _ = fs::remove_dir_all(&tmp);
             }
+            // The publish phase's agreement, from this side: every rank takes part in it,
+            // whether its own phase failed or the lead's seal did.
             let _ = team.map(|t| t.failed(false, step));
             Err(e)
         }

@@ -174,6 +174,13 @@ impl Dist {
         Ok(())
     }
 
+    /// The smallest and the largest `x` over the ranks (one all-reduce).
+    pub fn min_max(&self, x: f64, step: u64, what: &str) -> Result<(f64, f64)> {
+        let mut v = [-x, x];
+        self.reduce_f64(&mut v, ReduceOp::Max, step, what)?;
+        Ok((-v[0], v[1]))
+    }
+
     /// The ranks whose `ok` was false, the same list on every rank.
     pub fn failed_ranks(&self, ok: bool, step: u64, what: &str) -> Result<Vec<usize>> {
         let mut v = vec![0.0; self.world()];
@@ -217,6 +224,12 @@ impl Dist {
 
 /// How often each rank's heartbeat counter moves (see [`Dist::failure`]).
 const HEARTBEAT: Duration = Duration::from_millis(500);
+
+/// How long each rank waited for the slowest one, given each rank's work (seconds or cost).
+pub fn idle(loads: &[f64]) -> Vec<f64> {
+    let slowest = loads.iter().cloned().fold(0.0, f64::max);
+    loads.iter().map(|l| slowest - l).collect()
+}
 
 /// Estimated training FLOPs of one row: `6 N T` for the linear layers plus, for causal
 /// attention, `6 n_layers hidden sum(d_i^2)` over its documents `d_i` (forward QK^T and AV are

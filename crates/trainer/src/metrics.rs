@@ -81,8 +81,7 @@ impl Metrics {
         });
         if !s.rank_compute_s.is_empty() {
             // Idle time of each rank: how long it waited for the slowest one's compute.
-            let slowest = s.rank_compute_s.iter().cloned().fold(0.0, f64::max);
-            let idle: Vec<f64> = s.rank_compute_s.iter().map(|c| slowest - c).collect();
+            let idle = crate::distributed::idle(&s.rank_compute_s);
             line["rank_compute_s"] = json!(s.rank_compute_s);
             line["rank_wait_s"] = json!(s.rank_wait_s);
             line["rank_idle_s"] = json!(idle);

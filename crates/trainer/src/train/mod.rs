@@ -243,15 +243,12 @@ impl Trainer {
             // Every rank must resume the same step (a checkpoint folder not shared by all ranks
             // would make them disagree).
             let step = resumed.as_ref().map_or(-1.0, |c| c.state.step as f64);
-            let mut v = [step, -step];
-            d.reduce_f64(&mut v, ReduceOp::Max, 0, "agreement on the checkpoint to resume")?;
-            if v[0] != step || -v[1] != step {
+            let (oldest, newest) = d.min_max(step, 0, "agreement on the checkpoint to resume")?;
+            if oldest != newest {
                 bail!(
-                    "rank {}: the ranks found different checkpoints to resume (this one {step}, newest {}, oldest {}): \
-                     checkpoint.dir must be one folder shared by every rank",
+                    "rank {}: the ranks found different checkpoints to resume (this one {step}, newest {newest}, oldest \
+                     {oldest}): checkpoint.dir must be one folder shared by every rank",
                     d.rank(),
-                    v[0],
-                    -v[1]
                 );
             }
         }
@@ -367,30 +364,33 @@ impl Trainer {
         Ok((trainer, loader))
     }
 
+    /// This process's rank and the world size ((0, 1) for a single process).
+    fn rank_world(&self) -> (usize, usize) {
+        self.dist.as_ref().map_or((0, 1), |d| (d.rank(), d.world()))
+    }
+
     fn world(&self) -> usize {
-        self.dist.as_ref().map_or(1, |d| d.world())
+        self.rank_world().1
     }
 
     /// Whether this process prints, writes metrics and exports (rank 0, or the only process).
     pub fn is_main(&self) -> bool {
-        self.dist.as_ref().is_none_or(|d| d.rank() == 0)
+        self.rank_world().0 == 0
     }
 
     /// Data parallel: fail unless every rank holds bitwise the same parameters (an exact
     /// fingerprint, compared with one small all-reduce).
     pub fn check_ranks_agree(&self, when: &str) -> Result<()> {
         let Some(d) = &self.dist else { return Ok(()) };
+        // 52 bits, so the fingerprint travels exactly as a float64.
         let fp = (distributed::fingerprint(&self.params) & ((1 << 52) - 1)) as f64;
-        let mut v = [fp, -fp];
-        d.reduce_f64(&mut v, ReduceOp::Max, self.state.step, "parameter agreement check")?;
-        if v[0] != fp || -v[1] != fp {
+        let (lo, hi) = d.min_max(fp, self.state.step, "parameter agreement check")?;
+        if lo != hi {
             bail!(
-                "rank {} at step {} ({when}): the ranks hold different parameters (fingerprints {} .. {}); the model \
-                 files or checkpoint differ between ranks, or a collective misbehaved",
+                "rank {} at step {} ({when}): the ranks hold different parameters (fingerprints {lo} .. {hi}); the \
+                 model files or checkpoint differ between ranks, or a collective misbehaved",
                 d.rank(),
                 self.state.step,
-                -v[1],
-                v[0]
             );
         }
         Ok(())
@@ -541,7 +541,7 @@ impl Trainer {
     /// Held-out mean NLL of the short and the long eval rows (shared out over the ranks);
     /// `bar` counts this rank's rows (a long row's forward takes a minute on a small CPU).
     pub fn evaluate(&self, bar: &ProgressBar) -> Result<HeldOut> {
-        let (rank, world) = self.dist.as_ref().map_or((0, 1), |d| (d.rank(), d.world()));
+        let (rank, world) = self.rank_world();
         let sums = |rows: &[Row]| {
             let (mut nll, mut n) = (0.0, 0);
             for r in rows.iter().skip(rank).step_by(world) {
@@ -564,7 +564,7 @@ impl Trainer {
 
     /// Rows this rank evaluates.
     pub fn eval_rows(&self) -> usize {
-        let (rank, world) = self.dist.as_ref().map_or((0, 1), |d| (d.rank(), d.world()));
+        let (rank, world) = self.rank_world();
         let mine = |n: usize| (n + world - 1 - rank) / world;
         mine(self.eval_short.len()) + mine(self.eval_long.len())
     }

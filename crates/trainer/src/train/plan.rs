@@ -25,7 +25,7 @@ impl Trainer {
                     .map(|rows| rows.iter().map(|&i| costs[i]).sum())
                     .collect();
                 let max = loads.iter().cloned().fold(0.0, f64::max);
-                idle[k] += loads.iter().map(|l| (max - l) / max).sum::<f64>() / world as f64 / steps as f64;
+                idle[k] += distributed::idle(&loads).iter().sum::<f64>() / max / world as f64 / steps as f64;
             }
         }
         (idle[0], idle[1])
