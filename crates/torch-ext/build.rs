@@ -1,13 +1,18 @@
-//! Compile `csrc/*.cpp` against the set-up's LibTorch headers (see launch/setup.sh).
+//! Compile `csrc/*.cpp` (c10d, attention, fused AdamW, CUDA memory statistics) against the
+//! set-up's LibTorch headers (see launch/setup.sh).
 //!
 //! * Gloo headers: Debian's libgloo-dev (`/usr/include`) or its .deb unpacked under
 //!   `.cache/gloo` by a set-up that is not root; the wheel's libtorch has Gloo compiled in.
 //! * NCCL: `ProcessGroupNCCL.hpp` also needs the wheel's `nvidia/cu13/include` and
 //!   `nvidia/nccl/include` plus two header packages (nvidia-cuda-crt, nvidia-cuda-cccl). The set-up
 //!   installs them, so every build (CI included) compiles the NCCL path; without them the build
-//!   fails and names the fix, unless `LONGMIX_NO_NCCL=1` asks for a Gloo-only build.
+//!   fails and names the fix, unless `LONGMIX_NO_NCCL=1` asks for a Gloo-only build. The same
+//!   headers give the CUDA allocator statistics (`LONGMIX_CUDA`).
 
 use std::path::{Path, PathBuf};
+
+/// One file per concern; `ffi.h` holds their shared calling convention.
+const SOURCES: [&str; 4] = ["c10d.cpp", "attention.cpp", "optim.cpp", "cuda.cpp"];
 
 fn main() {
     longmix_build::link_libtorch();
@@ -23,7 +28,7 @@ fn main() {
         .include(&inc)
         .include(inc.join("torch/csrc/api/include"))
         .flag("-w")
-        .file("csrc/c10d.cpp");
+        .files(SOURCES.iter().map(|f| format!("csrc/{f}")));
     let gloo_local = root.join(".cache/gloo/usr/include");
     if gloo_local.join("gloo/config.h").exists() {
         b.include(&gloo_local);
@@ -49,11 +54,14 @@ fn main() {
         for d in dirs {
             b.include(d);
         }
-        b.define("USE_C10D_NCCL", None).define("USE_CUDA", None).define("LONGMIX_NCCL", None);
+        b.define("USE_C10D_NCCL", None)
+            .define("USE_CUDA", None)
+            .define("LONGMIX_NCCL", None)
+            .define("LONGMIX_CUDA", None);
         println!("cargo:rustc-link-lib=dylib=torch_cuda");
         println!("cargo:rustc-link-lib=dylib=c10_cuda");
     }
-    println!("cargo:rerun-if-changed=csrc/c10d.cpp");
+    println!("cargo:rerun-if-changed=csrc");
     b.compile("longmix_torch_ext");
     println!("cargo:rustc-link-search=native={}", torch.join("lib").display());
     for lib in ["torch_cpu", "c10", "torch"] {

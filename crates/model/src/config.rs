@@ -160,6 +160,31 @@ impl ModelConfig {
         })
     }
 
+    /// Parameters (embeddings included; a tied LM head counted once).
+    pub fn n_params(&self) -> f64 {
+        let (h, v) = (self.hidden_size as f64, self.vocab_size as f64);
+        let (q, kv) =
+            ((self.num_attention_heads * self.head_dim) as f64, (self.num_key_value_heads * self.head_dim) as f64);
+        let attn = h * (q + 2.0 * kv) + q * h + if self.attention_bias { q + 2.0 * kv } else { 0.0 };
+        let mlp = 3.0 * h * self.intermediate_size as f64;
+        let layer = attn + mlp + 2.0 * h;
+        let head = if self.tie_word_embeddings { 0.0 } else { v * h };
+        v * h + self.num_hidden_layers as f64 * layer + h + head
+    }
+
+    /// Training FLOPs (forward + backward, no recomputation) of `tokens` tokens whose documents
+    /// have squared lengths summing to `doc_len_sq`: `6 N T` for every matmul weight (the LM
+    /// head included, the embedding lookup not) plus causal attention's
+    /// `6 * layers * heads * head_dim * sum(d^2)` (QK^T and AV, 2 FLOPs per multiply-add, half
+    /// the square, times 3 for the backward). PaLM's MFU convention (appendix B), with
+    /// causality and packing counted.
+    pub fn train_flops(&self, tokens: f64, doc_len_sq: f64) -> f64 {
+        let embed = if self.tie_word_embeddings { 0.0 } else { (self.vocab_size * self.hidden_size) as f64 };
+        let matmul = self.n_params() - embed;
+        let attn = (self.num_hidden_layers * self.num_attention_heads * self.head_dim) as f64;
+        6.0 * matmul * tokens + 6.0 * attn * doc_len_sq
+    }
+
     /// The window the model was pre-trained on: the longrope/yarn/llama3 original length, or
     /// `max_position_embeddings` for unscaled models.
     pub fn original_max_position_embeddings(&self) -> i64 {

@@ -12,6 +12,7 @@ pub mod generate;
 pub mod head;
 pub mod load;
 pub mod memory;
+pub mod presets;
 pub mod rope;
 pub mod string;
 pub mod transformer;
@@ -27,7 +28,7 @@ pub use generate::{generate, DecodeOptions, Decoder, GenerateOptions, Generation
 pub use head::{batch_targets, HeadLoss, HEAD_CHUNK};
 pub use load::{load_model, load_tokenizer, LoadedModel};
 pub use longmix_core::{next_token_targets, Window, IGNORE_INDEX};
-pub use memory::{MemoryOptions, StepLoss};
+pub use memory::{MemoryOptions, Phases, StepLoss};
 pub use rope::{RopeConfig, RopeScaling};
 pub use string::StringConfig;
 pub use transformer::CausalLm;

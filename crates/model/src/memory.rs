@@ -13,7 +13,9 @@
 //! Both give the same gradients as the plain path (tested); the loss is summed, and `scale`
 //! (e.g. 1 / target tokens of the whole optimizer step) multiplies every gradient.
 
-use tch::{Kind, Tensor};
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
 
 use crate::head::HeadLoss;
 use crate::rope::Window;
@@ -25,6 +27,55 @@ pub struct MemoryOptions {
     pub checkpoint_layers: bool,
     /// Compute the LM head and loss this many target positions at a time (None = all at once).
     pub loss_chunk: Option<i64>,
+    /// Wait for the device at each phase boundary so [`Phases`] are exact on CUDA (benchmarks;
+    /// it costs a few synchronisations per micro-batch). CPU times are always exact.
+    pub sync_phases: bool,
+}
+
+/// Where one forward + backward spent its time, in seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Phases {
+    /// Embedding, decoder layers and final norm (without autograd under layer checkpointing).
+    pub forward_s: f64,
+    /// LM head and loss, forward and backward (chunked), down to the final hidden states.
+    pub head_s: f64,
+    /// Back-propagation through the layers (each layer recomputed first under checkpointing).
+    pub backward_s: f64,
+}
+
+impl Phases {
+    pub fn add(&mut self, o: &Phases) {
+        self.forward_s += o.forward_s;
+        self.head_s += o.head_s;
+        self.backward_s += o.backward_s;
+    }
+}
+
+/// A stopwatch over the phases of one forward + backward.
+struct Clock {
+    last: Instant,
+    sync: Option<i64>,
+}
+
+impl Clock {
+    fn new(opts: MemoryOptions, device: Device) -> Clock {
+        let sync = match device {
+            Device::Cuda(i) if opts.sync_phases => Some(i as i64),
+            _ => None,
+        };
+        let mut c = Clock { last: Instant::now(), sync };
+        c.lap();
+        c
+    }
+
+    /// Seconds since the previous lap.
+    fn lap(&mut self) -> f64 {
+        if let Some(i) = self.sync {
+            tch::Cuda::synchronize(i);
+        }
+        let now = Instant::now();
+        (now - std::mem::replace(&mut self.last, now)).as_secs_f64()
+    }
 }
 
 /// What one micro-batch contributed: each row's summed NLL and scored tokens, and the RoPE
@@ -33,6 +84,7 @@ pub struct MemoryOptions {
 pub struct StepLoss {
     pub loss: HeadLoss,
     pub windows: Vec<Window>,
+    pub phases: Phases,
 }
 
 impl CausalLm {
@@ -63,19 +115,30 @@ impl CausalLm {
         opts: MemoryOptions,
         layer_done: &mut dyn FnMut(usize),
     ) -> StepLoss {
+        let mut clock = Clock::new(opts, input_ids.device());
+        let mut phases = Phases::default();
         let pos = self.positions(position_ids);
         let windows = self.config.rope.row_windows(position_ids);
         // None: the whole micro-batch's scored positions in one piece.
         let chunk = Some(opts.loss_chunk.unwrap_or(i64::MAX));
-        let head = |hidden: &Tensor| self.head_nll(hidden, targets, chunk, Some(scale));
-        let run_layers =
-            |x: Tensor| self.layers.iter().fold(x, |x, layer| layer.forward(&x, &pos.cos, &pos.sin, &pos.plan));
+        // The head runs on a detached leaf of the final hidden states, so its backward stops
+        // there and returns dL/d(hidden) for the layers' backward.
+        let mut head = |hidden: &Tensor, phases: &mut Phases, clock: &mut Clock| {
+            let leaf = hidden.detach().set_requires_grad(true);
+            let loss = self.head_nll(&leaf, targets, chunk, Some(scale));
+            phases.head_s = clock.lap();
+            (loss, leaf.grad())
+        };
         let embedded = self.embed(input_ids);
         if !opts.checkpoint_layers {
-            let hidden = self.norm.forward(&run_layers(embedded));
-            let loss = head(&hidden);
+            let x = self.layers.iter().fold(embedded, |x, layer| layer.forward(&x, &pos.cos, &pos.sin, &pos.plan));
+            let hidden = self.norm.forward(&x);
+            phases.forward_s = clock.lap();
+            let (loss, grad) = head(&hidden, &mut phases, &mut clock);
+            (hidden * grad).sum(Kind::Float).backward();
             (0..self.layers.len()).rev().for_each(&mut *layer_done);
-            return StepLoss { loss, windows };
+            phases.backward_s = clock.lap();
+            return StepLoss { loss, windows, phases };
         }
         // Forward without autograd, keeping each layer's input.
         let mut inputs = vec![embedded.detach()];
@@ -85,9 +148,12 @@ impl CausalLm {
                 inputs.push(x);
             }
         });
+        phases.forward_s = clock.lap();
         // Head (with the final norm) on a detached leaf, giving dL/d(last hidden state).
         let last = inputs.pop().unwrap().set_requires_grad(true);
-        let loss = head(&self.norm.forward(&last));
+        let hidden = self.norm.forward(&last);
+        let (loss, grad) = head(&hidden, &mut phases, &mut clock);
+        (hidden * grad).sum(Kind::Float).backward();
         let mut grad = last.grad();
         // Backward through the layers, last first, recomputing each.
         for (i, (layer, x)) in self.layers.iter().zip(inputs).enumerate().rev() {
@@ -98,6 +164,7 @@ impl CausalLm {
             layer_done(i);
         }
         (embedded * grad).sum(Kind::Float).backward();
-        StepLoss { loss, windows }
+        phases.backward_s = clock.lap();
+        StepLoss { loss, windows, phases }
     }
 }

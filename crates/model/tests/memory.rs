@@ -51,9 +51,9 @@ fn check(case: &str) {
     // Tokens: 2 x 80 minus one per document (4 documents).
     assert_eq!(n, 160 - 4);
     for opts in [
-        MemoryOptions { checkpoint_layers: true, loss_chunk: None },
-        MemoryOptions { checkpoint_layers: false, loss_chunk: Some(37) },
-        MemoryOptions { checkpoint_layers: true, loss_chunk: Some(16) },
+        MemoryOptions { checkpoint_layers: true, loss_chunk: None, sync_phases: false },
+        MemoryOptions { checkpoint_layers: false, loss_chunk: Some(37), sync_phases: false },
+        MemoryOptions { checkpoint_layers: true, loss_chunk: Some(16), sync_phases: false },
     ] {
         let got = grads(&m, opts, &batch);
         assert_eq!(got.1, plain.1);

@@ -1,9 +1,6 @@
 // c10d collectives for longmix: TCPStore rendezvous, Gloo (CPU) and NCCL (CUDA) process groups,
 // and the handful of collectives data parallelism needs, behind a C ABI (see src/c10d.rs).
-//
-// Every function returns NULL on success or a malloc'ed error message (freed by
-// lm_string_free), so no C++ exception crosses into Rust. Tensors arrive as `at::Tensor*`,
-// which is what tch's `Tensor::as_ptr` gives (torch-sys stores a heap `torch::Tensor`).
+// The calling convention is ffi.h's.
 
 #include <atomic>
 #include <cstdlib>
@@ -12,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "ffi.h"
+
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -19,29 +18,8 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
-namespace {
-
-char* dup(const std::string& s) {
-  char* out = static_cast<char*>(std::malloc(s.size() + 1));
-  std::memcpy(out, s.c_str(), s.size() + 1);
-  return out;
-}
-
-template <typename F>
-char* guard(F&& f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return dup(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return dup(e.what());
-  } catch (...) {
-    return dup("unknown C++ exception");
-  }
-}
-
-}  // namespace
+using lm::dup;
+using lm::guard;
 
 struct LmGroup {
   c10::intrusive_ptr<c10d::Store> store;

@@ -6,10 +6,12 @@
 //! gradient buckets overlap the backward pass. Every failure, a peer's timeout included,
 //! comes back as an error carrying c10d's own message.
 
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::ffi::{c_char, c_int, c_void, CString};
 use std::time::Duration;
 
 use anyhow::{bail, Result};
+
+use crate::ffi::check;
 use tch::Tensor;
 
 #[repr(C)]
@@ -22,7 +24,6 @@ struct RawWork {
 }
 
 extern "C" {
-    fn lm_string_free(s: *mut c_char);
     fn lm_nccl_compiled() -> c_int;
     #[allow(clippy::too_many_arguments)]
     fn lm_group_new(
@@ -47,17 +48,6 @@ extern "C" {
     fn lm_heartbeat_start(g: *mut RawGroup, key: *const c_char, interval_ms: i64) -> *mut c_char;
     fn lm_store_set(g: *mut RawGroup, key: *const c_char, value: *const c_char) -> *mut c_char;
     fn lm_store_get(g: *mut RawGroup, key: *const c_char, timeout_ms: i64, value: *mut *mut c_char) -> *mut c_char;
-}
-
-/// Turn a C error string (NULL = success) into a `Result`, freeing it.
-fn check(err: *mut c_char) -> Result<()> {
-    if err.is_null() {
-        return Ok(());
-    }
-    // SAFETY: a non-NULL return is a NUL-terminated string malloc'ed by csrc/c10d.cpp.
-    let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
-    unsafe { lm_string_free(err) };
-    bail!("{}", msg.trim())
 }
 
 fn c_string(s: &str) -> CString {
@@ -237,9 +227,7 @@ impl ProcessGroup {
         let mut out = std::ptr::null_mut();
         // SAFETY: valid key and out-pointer; on success `out` is a malloc'ed C string.
         check(unsafe { lm_store_get(self.raw, k.as_ptr(), timeout.as_millis() as i64, &mut out) })?;
-        let s = unsafe { CStr::from_ptr(out) }.to_string_lossy().into_owned();
-        unsafe { lm_string_free(out) };
-        Ok(s)
+        Ok(crate::ffi::take_string(out))
     }
 }
 

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use longmix_data::Row;
+use longmix_model::ModelConfig;
 use longmix_torch_ext::c10d::{Backend, ProcessGroup, ReduceOp, Rendezvous, Work};
 use tch::{Device, Kind, Tensor};
 
@@ -231,13 +232,11 @@ pub fn idle(loads: &[f64]) -> Vec<f64> {
     loads.iter().map(|l| slowest - l).collect()
 }
 
-/// Estimated training FLOPs of one row: `6 N T` for the linear layers plus, for causal
-/// attention, `6 n_layers hidden sum(d_i^2)` over its documents `d_i` (forward QK^T and AV are
-/// `4 hidden d^2` halved by causality; backward twice that). Padding runs as tokens too.
-pub fn row_cost(row: &Row, n_params: f64, layers: f64, hidden: f64) -> f64 {
-    let t = row.input_ids.len() as f64;
-    let attn: f64 = row.pieces.iter().map(|p| (p.len as f64).powi(2)).sum();
-    6.0 * n_params * t + 6.0 * layers * hidden * attn
+/// Training FLOPs of one row ([`ModelConfig::train_flops`] over its documents; padding runs as
+/// tokens too).
+pub fn row_cost(row: &Row, model: &ModelConfig) -> f64 {
+    let doc_len_sq: f64 = row.pieces.iter().map(|p| (p.len as f64).powi(2)).sum();
+    model.train_flops(row.input_ids.len() as f64, doc_len_sq)
 }
 
 /// Which rows (indices into the global batch) each of `world` ranks trains. Balanced: longest

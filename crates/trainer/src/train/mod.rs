@@ -126,8 +126,6 @@ pub struct Trainer {
     sync: Option<GradSync>,
     /// ZeRO-1: the rank updating each parameter.
     owner: Option<BTreeMap<String, usize>>,
-    /// (parameters, layers, hidden size) for [`distributed::row_cost`].
-    cost_model: (f64, f64, f64),
 }
 
 impl Team for Dist {
@@ -338,10 +336,8 @@ impl Trainer {
         let mem = MemoryOptions {
             checkpoint_layers: cfg.train.checkpoint_layers,
             loss_chunk: (cfg.train.loss_chunk > 0).then_some(cfg.train.loss_chunk),
+            sync_phases: false,
         };
-        let c = &lm.model.config;
-        let n_params: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
-        let cost_model = (n_params as f64, c.num_hidden_layers as f64, c.hidden_size as f64);
         let trainer = Trainer {
             cfg,
             lm,
@@ -358,7 +354,6 @@ impl Trainer {
             dist,
             sync,
             owner,
-            cost_model,
         };
         trainer.check_ranks_agree("set-up")?;
         Ok((trainer, loader))
@@ -406,8 +401,7 @@ impl Trainer {
     /// This rank's rows of a global batch (all of them for a single process).
     fn my_rows<'r>(&self, rows: &'r [Row]) -> Vec<&'r Row> {
         let Some(d) = &self.dist else { return rows.iter().collect() };
-        let (n, layers, hidden) = self.cost_model;
-        let costs: Vec<f64> = rows.iter().map(|r| distributed::row_cost(r, n, layers, hidden)).collect();
+        let costs: Vec<f64> = rows.iter().map(|r| distributed::row_cost(r, &self.lm.model.config)).collect();
         let shares = distributed::assign_rows(&costs, d.world(), d.cfg.balance);
         shares[d.rank()].iter().map(|&i| &rows[i]).collect()
     }

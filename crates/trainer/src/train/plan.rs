@@ -13,11 +13,10 @@ impl Trainer {
     /// Estimated mean rank idle fraction over the first `steps` global steps of `loader`'s
     /// rows, balanced and round-robin (from [`distributed::row_cost`]).
     fn idle_estimate(&self, loader: &mut Loader, world: usize, steps: usize) -> (f64, f64) {
-        let (n, layers, hidden) = self.cost_model;
         let mut idle = [0.0, 0.0];
         for _ in 0..steps {
             let costs: Vec<f64> = (0..self.cfg.rows_per_step(world))
-                .map(|_| distributed::row_cost(&loader.next_row(), n, layers, hidden))
+                .map(|_| distributed::row_cost(&loader.next_row(), &self.lm.model.config))
                 .collect();
             for (k, balance) in [true, false].into_iter().enumerate() {
                 let loads: Vec<f64> = distributed::assign_rows(&costs, world, balance)
