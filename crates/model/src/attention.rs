@@ -7,10 +7,13 @@
 //!
 //! * Every row one document and no sliding window in play: one `scaled_dot_product_attention`
 //!   call with `is_causal` (the flash kernel on CUDA, O(T) memory).
-//! * Otherwise each document is attended on its own (`is_causal` again, plus a sliding-window
-//!   mask only where a document is longer than the window), then the pieces are concatenated.
+//! * Otherwise the rows' documents go packed, back to back, through
+//!   [`varlen_attention`]: FlashAttention-2 over `cu_seqlens` on CUDA in bf16/f16 (one kernel
+//!   for the whole batch), elsewhere each document on its own through SDPA (`is_causal`, plus a
+//!   sliding-window mask only where a document is longer than the window).
 
-use tch::{Device, Kind, Tensor};
+use longmix_torch_ext::attention::{causal_sdpa, varlen_attention};
+use tch::{Device, Tensor};
 
 /// A document inside a row: `[start, start + len)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,44 +63,15 @@ impl Plan {
     /// Attention output `[B, H, T, D]` for `q` `[B, H, T, D]` and `k`, `v` `[B, H_kv, T, D]`.
     pub fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
         match self {
-            Plan::Causal { seq_len, sliding_window } => causal(q, k, v, *seq_len, *sliding_window),
+            Plan::Causal { sliding_window, .. } => causal_sdpa(q, k, v, *sliding_window),
             Plan::Documents { rows, sliding_window } => {
-                let outs: Vec<Tensor> = rows
-                    .iter()
-                    .enumerate()
-                    .map(|(b, spans)| {
-                        let b = b as i64;
-                        let pieces: Vec<Tensor> = spans
-                            .iter()
-                            .map(|s| {
-                                let cut = |x: &Tensor| x.narrow(0, b, 1).narrow(2, s.start, s.len);
-                                causal(&cut(q), &cut(k), &cut(v), s.len, *sliding_window)
-                            })
-                            .collect();
-                        Tensor::cat(&pieces, 2)
-                    })
-                    .collect();
-                Tensor::cat(&outs, 0)
+                let (b, h, t, d) = (q.size()[0], q.size()[1], q.size()[2], q.size()[3]);
+                let pack = |x: &Tensor| x.transpose(1, 2).reshape([b * t, x.size()[1], d]);
+                let mut cu: Vec<i64> =
+                    (0..b).flat_map(|r| rows[r as usize].iter().map(move |s| r * t + s.start)).collect();
+                cu.push(b * t);
+                varlen_attention(&pack(q), &pack(k), &pack(v), &cu, *sliding_window).view([b, t, h, d]).transpose(1, 2)
             }
         }
     }
-}
-
-/// Causal attention over one document per row, honouring a sliding window if it bites.
-fn causal(q: &Tensor, k: &Tensor, v: &Tensor, len: i64, sliding_window: Option<i64>) -> Tensor {
-    let gqa = q.size()[1] != k.size()[1];
-    match sliding_window {
-        Some(w) if len > w => {
-            let mask = sliding_window_mask(len, w, q.device());
-            Tensor::scaled_dot_product_attention(q, k, v, Some(mask), 0.0, false, None, gqa)
-        }
-        _ => Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, true, None, gqa),
-    }
-}
-
-/// Boolean `[T, T]` mask, true where query i may see key j: `j <= i` and `j > i - w`.
-pub fn sliding_window_mask(len: i64, w: i64, device: Device) -> Tensor {
-    let i = Tensor::arange(len, (Kind::Int64, device)).unsqueeze(1);
-    let j = Tensor::arange(len, (Kind::Int64, device)).unsqueeze(0);
-    j.le_tensor(&i).logical_and(&j.gt_tensor(&(i - w)))
 }

@@ -123,7 +123,7 @@ impl CausalLm {
         let chunk = Some(opts.loss_chunk.unwrap_or(i64::MAX));
         // The head runs on a detached leaf of the final hidden states, so its backward stops
         // there and returns dL/d(hidden) for the layers' backward.
-        let mut head = |hidden: &Tensor, phases: &mut Phases, clock: &mut Clock| {
+        let head = |hidden: &Tensor, phases: &mut Phases, clock: &mut Clock| {
             let leaf = hidden.detach().set_requires_grad(true);
             let loss = self.head_nll(&leaf, targets, chunk, Some(scale));
             phases.head_s = clock.lap();
