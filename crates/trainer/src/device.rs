@@ -51,6 +51,22 @@ pub fn parse_dtype(s: &str) -> Result<Kind> {
     })
 }
 
+/// LibTorch intra-op threads: `explicit` (a config key or flag) if given, else
+/// `OMP_NUM_THREADS` (torchrun sets it), else the cores this process may use divided among
+/// `local_processes` processes on this machine (one per GPU under data parallelism), at least 1.
+/// Set explicitly rather than left to LibTorch's default, which counts every core of the
+/// machine whatever the process's CPU affinity and however many ranks share it.
+pub fn intra_op_threads(explicit: Option<i32>, local_processes: usize) -> i32 {
+    if let Some(n) = explicit {
+        return n.max(1);
+    }
+    if let Some(n) = std::env::var("OMP_NUM_THREADS").ok().and_then(|v| v.trim().parse::<i32>().ok()) {
+        return n.max(1);
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / local_processes.max(1)).max(1) as i32
+}
+
 /// The tch version pinned in the workspace `Cargo.toml`.
 pub const TCH_VERSION: &str = "0.24.0";
 

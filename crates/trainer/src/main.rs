@@ -5,6 +5,7 @@ mod cmd;
 mod config;
 mod device;
 mod distributed;
+mod estimate;
 mod metrics;
 mod optim;
 mod schedule;
@@ -27,6 +28,8 @@ enum Command {
     ImportGguf(cmd::import_gguf::Args),
     /// Mean next-token NLL and token count of a text file under a model.
     Score(cmd::score::Args),
+    /// Train a few steps of one shape (a model folder or a preset) and print speed, MFU, memory and time split as JSON.
+    Bench(cmd::bench::Args),
     /// Fine-tune to a longer window with mixed short/long rows, from a TOML config.
     Train(train::Args),
     /// Turn a training checkpoint into a Hugging Face folder with the extended window.
@@ -52,6 +55,7 @@ fn main() {
         Command::ImportGguf(a) => cmd::import_gguf::run(a),
         Command::Score(a) => cmd::score::run(a),
         Command::Train(a) => train::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
         Command::Export(a) => cmd::export::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Generate(a) => cmd::generate::run(a),

@@ -24,6 +24,12 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// Start the peak resident memory afresh (Linux: `5` into `/proc/self/clear_refs` resets
+/// `VmHWM` to the current RSS); a no-op elsewhere.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 impl Metrics {
     /// Open `path` for a fresh run: earlier lines are discarded.
     pub fn create(path: &Path) -> Result<Metrics> {

@@ -237,6 +237,11 @@ impl AdamW {
         Ok(())
     }
 
+    /// Whether updates run PyTorch's fused kernel.
+    pub fn is_fused(&self) -> bool {
+        self.fused_step.is_some()
+    }
+
     /// The parameters this optimizer updates, by name.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.slots.keys().map(String::as_str)

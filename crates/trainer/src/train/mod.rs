@@ -204,17 +204,11 @@ impl Trainer {
     /// resumed state. Returns the trainer and its data loader (positioned after the last
     /// trained row of the global row stream, which every rank reads whole).
     pub fn setup(cfg: TrainConfig, resume: Option<&str>, launch: Option<Launch>) -> Result<(Trainer, Loader)> {
-        match (cfg.model.threads, &launch) {
-            (Some(n), _) => tch::set_num_threads(n),
-            // Several ranks on one machine: share the cores instead of each spinning on all
-            // of them (OMP_NUM_THREADS, which torchrun sets, is LibTorch's own default).
-            (None, Some(l)) if std::env::var_os("OMP_NUM_THREADS").is_none() => {
-                let local = std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.parse().ok()).unwrap_or(l.world_size);
-                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-                tch::set_num_threads((cores / local.max(1)).max(1) as i32);
-            }
-            _ => {}
-        }
+        // Several ranks on one machine share its cores instead of each spinning on all of them.
+        let local = launch.as_ref().map_or(1, |l| {
+            std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.parse().ok()).unwrap_or(l.world_size)
+        });
+        tch::set_num_threads(crate::device::intra_op_threads(cfg.model.threads, local));
         tch::manual_seed(cfg.train.seed as i64);
         let mut device = parse_device(&cfg.model.device).context("key `model.device`")?;
         if let (Some(l), Device::Cuda(_)) = (&launch, device) {

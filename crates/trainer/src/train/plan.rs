@@ -8,6 +8,7 @@ use super::Trainer;
 use crate::checkpoint::Checkpoint;
 use crate::device::parse_dtype;
 use crate::distributed;
+use crate::estimate::MemoryEstimate;
 
 impl Trainer {
     /// Estimated mean rank idle fraction over the first `steps` global steps of `loader`'s
@@ -38,22 +39,18 @@ impl Trainer {
         let zero1 = world > 1 && cfg.distributed.zero1;
         let rows = cfg.rows_per_step(world);
         let kind = parse_dtype(&cfg.model.dtype).unwrap_or(Kind::Float);
-        let bytes = kind.elt_size_in_bytes() as f64;
-        // Weights + grads in the compute dtype, AdamW moments (+ masters unless f32) in float32
-        // for the parameters this rank updates (all of them, or its ZeRO-1 share).
-        let opt_elements = if zero1 { params as f64 / world as f64 } else { params as f64 };
-        let state_gb = (params as f64 * 2.0 * bytes + opt_elements * self.opt.state_bytes_per_element() as f64) / 1e9;
-        // Activations: with layer checkpointing one hidden state per layer plus one layer's
-        // working set (~34 hidden-sized tensors); without, all layers' working sets.
-        let tokens = (t.micro_batch_rows * t.seq_len) as f64;
-        let per_layer = tokens * c.hidden_size as f64 * bytes * 34.0;
-        let act_gb = if t.checkpoint_layers {
-            (tokens * c.hidden_size as f64 * bytes * c.num_hidden_layers as f64 + per_layer) / 1e9
-        } else {
-            per_layer * c.num_hidden_layers as f64 / 1e9
-        };
-        let head_tokens = if t.loss_chunk > 0 { (t.loss_chunk as f64).min(tokens) } else { tokens };
-        let head_gb = head_tokens * c.vocab_size as f64 * 4.0 * 2.0 / 1e9;
+        let share = if zero1 { 1.0 / world as f64 } else { 1.0 };
+        let tokens = (t.micro_batch_rows * t.seq_len) as i64;
+        let est = MemoryEstimate::new(
+            c,
+            kind,
+            self.opt.state_bytes_per_element(),
+            share,
+            tokens,
+            self.mem,
+            self.opt.is_fused(),
+            self.device,
+        );
         let (l0, l) = (ext.original_length, ext.target_length);
         println!("plan");
         println!(
@@ -109,8 +106,17 @@ impl Trainer {
         } else {
             String::new()
         };
+        let gb = |x: f64| x / 1e9;
         println!(
-            "  memory (est.)  {state_gb:.2} GB weights+optimizer, {act_gb:.2} GB activations, {head_gb:.2} GB LM head{ranks}"
+            "  memory (est.)  {:.2} GB peak{ranks}: {:.2} weights+grads+optimizer, {:.2} saved activations, {:.2} layer \
+             working set, {:.2} LM head, {:.2} optimizer temporaries, {:.2} runtime",
+            gb(est.total_bytes()),
+            gb(est.state),
+            gb(est.saved),
+            gb(est.layer),
+            gb(est.head),
+            gb(est.optimizer),
+            gb(est.runtime)
         );
         println!(
             "  checkpoints    {} every {} steps, keep {} (about {:.2} GB each)",

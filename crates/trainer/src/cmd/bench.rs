@@ -1,0 +1,244 @@
+//! `longmix bench`: train a few steps of one shape and print what they cost, as JSON.
+//!
+//! The step is the trainer's: [`CausalLm::forward_backward`] with the run's memory options,
+//! the global gradient norm, and [`AdamW`] (the fused kernel where the device has one). Rows are
+//! random tokens: long rows are one document of `--seq-len` tokens, packed rows hold documents
+//! of `--doc-len` tokens back to back (positions restart at each). `benches/reference.py` runs
+//! the same shape with PyTorch + transformers and `benches/compare.py` alternates the two.
+//!
+//! Reported: tokens/s, achieved TFLOP/s and MFU ([`ModelConfig::train_flops`]: `6 N` per token
+//! for the matmul weights plus causal attention; layer recomputation is not counted, as in
+//! PaLM's MFU), peak memory next to the plan's estimate, and the median time split (data,
+//! forward, LM head, backward, optimizer). Medians are over the steps after `--warmup`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use longmix_model::{batch_targets, load_model, CausalLm, MemoryOptions, ModelConfig, Phases};
+use serde_json::json;
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::device::{gpu_name, intra_op_threads, ComputeArgs};
+use crate::estimate::MemoryEstimate;
+use crate::metrics::{peak_rss_mb, reset_peak_rss};
+use crate::optim::{self, AdamW, AdamWConfig};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A Hugging Face model folder (its weights are loaded).
+    #[arg(long, required_unless_present = "preset", conflicts_with = "preset")]
+    pub model: Option<PathBuf>,
+    /// An architecture with random weights: smollm2-135m, llama3.2-1b, phi3-mini-4k, llama3-8b.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Tokens per row.
+    #[arg(long, default_value_t = 2048)]
+    pub seq_len: i64,
+    /// Rows per optimizer step (one micro-batch).
+    #[arg(long, default_value_t = 1)]
+    pub rows: i64,
+    /// Share of the rows made of packed documents of --doc-len tokens (the rest are long rows).
+    #[arg(long, default_value_t = 0.0)]
+    pub packed_share: f64,
+    /// Document length in packed rows.
+    #[arg(long, default_value_t = 1024)]
+    pub doc_len: i64,
+    /// Measured steps.
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Steps run first and not measured.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Recompute each decoder layer in the backward (activation checkpointing).
+    #[arg(long)]
+    pub checkpoint_layers: bool,
+    /// LM-head positions per chunk (0: all at once).
+    #[arg(long, default_value_t = 2048)]
+    pub loss_chunk: i64,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+    /// LibTorch intra-op threads (default: as `longmix train` chooses them).
+    #[arg(long)]
+    pub threads: Option<i32>,
+    /// The tensor-op AdamW instead of the fused kernel.
+    #[arg(long)]
+    pub reference_adamw: bool,
+    /// The device's peak dense TFLOP/s for MFU (default: known GPUs by name; none on CPU).
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    /// Also write the JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Dense bf16 peak TFLOP/s of GPUs by marketing name (no sparsity).
+fn known_peak_tflops(name: &str) -> Option<f64> {
+    [("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 125.0)]
+        .iter()
+        .find(|(n, _)| name.contains(n))
+        .map(|(_, p)| *p)
+}
+
+/// The rows of one step: token ids, position ids and next-token targets (`[rows, seq_len]`), and
+/// the summed squared document lengths (for the FLOP count).
+fn rows(a: &Args, vocab: i64, device: Device) -> (Tensor, Tensor, Tensor, f64) {
+    let packed = (a.packed_share * a.rows as f64).round() as i64;
+    let doc = a.doc_len.clamp(1, a.seq_len);
+    let mut pos = Vec::with_capacity((a.rows * a.seq_len) as usize);
+    let mut doc_len_sq = 0.0;
+    for r in 0..a.rows {
+        let len = if r < packed { doc } else { a.seq_len };
+        pos.extend((0..a.seq_len).map(|t| t % len));
+        let (full, rest) = (a.seq_len / len, a.seq_len % len);
+        doc_len_sq += full as f64 * (len as f64).powi(2) + (rest as f64).powi(2);
+    }
+    let pos = Tensor::from_slice(&pos).view([a.rows, a.seq_len]);
+    let ids = Tensor::randint(vocab, [a.rows, a.seq_len], (Kind::Int64, Device::Cpu));
+    let targets = batch_targets(&ids, &pos);
+    (ids.to_device(device), pos.to_device(device), targets.to_device(device), doc_len_sq)
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let threads = intra_op_threads(a.threads, 1);
+    tch::set_num_threads(threads);
+    tch::manual_seed(0);
+    let (device, kind) = a.compute.resolve()?;
+    let (vs, model, name) = match (&a.model, &a.preset) {
+        (Some(dir), _) => {
+            let lm = load_model(dir, Kind::Float, device)?;
+            (lm.vs, lm.model, dir.display().to_string())
+        }
+        (None, Some(p)) => {
+            let config = longmix_model::presets::preset(p)?;
+            let vs = nn::VarStore::new(device);
+            let model = CausalLm::new(&vs.root(), config);
+            (vs, model, p.clone())
+        }
+        (None, None) => unreachable!("clap requires --model or --preset"),
+    };
+    let c: ModelConfig = model.config.clone();
+    let mut params: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    params.sort_by(|x, y| x.0.cmp(&y.0));
+    let optim_cfg = AdamWConfig { fused: !a.reference_adamw, ..Default::default() };
+    let mut opt = AdamW::new(optim_cfg, params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), kind);
+    let mut vs = vs;
+    vs.set_kind(kind);
+    let mem = MemoryOptions {
+        checkpoint_layers: a.checkpoint_layers,
+        loss_chunk: (a.loss_chunk > 0).then_some(a.loss_chunk),
+        sync_phases: true,
+    };
+    let tokens = a.rows * a.seq_len;
+    let estimate =
+        MemoryEstimate::new(&c, kind, opt.state_bytes_per_element(), 1.0, tokens, mem, opt.is_fused(), device);
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let tensors: Vec<&Tensor> = params.iter().map(|(_, t)| t).collect();
+    let bar = indicatif::ProgressBar::new((a.warmup + a.steps) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("bench {bar:30} {pos}/{len} steps  {per_sec}  eta {eta}  {msg}").unwrap(),
+    );
+    let mut rec: Vec<(f64, f64, Phases, f64)> = Vec::new();
+    let mut doc_len_sq = 0.0;
+    for i in 0..a.warmup + a.steps {
+        if i == a.warmup {
+            reset_peak_rss();
+            if let Device::Cuda(d) = device {
+                longmix_torch_ext::cuda::reset_peak(d)?;
+            }
+        }
+        let t0 = Instant::now();
+        let (ids, pos, targets, sq) = rows(&a, c.vocab_size, device);
+        doc_len_sq = sq;
+        sync();
+        let data_s = t0.elapsed().as_secs_f64();
+        optim::zero_grad(tensors.iter().copied());
+        let n_targets = targets.ne(longmix_model::IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]);
+        let out = model.forward_backward(&ids, &pos, &targets, 1.0 / n_targets.max(1) as f64, mem);
+        let t_opt = Instant::now();
+        let norm = optim::grad_norm(tensors.iter().copied());
+        opt.step(1e-5, norm);
+        sync();
+        let optimizer_s = t_opt.elapsed().as_secs_f64();
+        rec.push((t0.elapsed().as_secs_f64(), data_s, out.phases, optimizer_s));
+        bar.set_message(format!("loss {:.3}", out.loss.mean()));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let measured = &rec[a.warmup.min(rec.len())..];
+    let step_s = median(measured.iter().map(|r| r.0).collect());
+    let tokens = tokens as f64;
+    let flops = c.train_flops(tokens, doc_len_sq);
+    let gpu = match device {
+        Device::Cuda(i) => gpu_name(i as i32),
+        _ => None,
+    };
+    let peak_tflops = a.peak_tflops.or_else(|| gpu.as_deref().and_then(known_peak_tflops));
+    let tflops = flops / step_s / 1e12;
+    let cuda = match device {
+        Device::Cuda(d) => Some(longmix_torch_ext::cuda::memory(d)?),
+        _ => None,
+    };
+    let mb = |b: i64| b as f64 / 1e6;
+    let split = |f: &dyn Fn(&(f64, f64, Phases, f64)) -> f64| median(measured.iter().map(f).collect());
+    let report = json!({
+        "tool": "longmix",
+        "model": name,
+        "params": c.n_params(),
+        "seq_len": a.seq_len,
+        "rows": a.rows,
+        "packed_share": a.packed_share,
+        "doc_len": a.doc_len,
+        "dtype": format!("{kind:?}"),
+        "device": format!("{device:?}"),
+        "gpu": gpu,
+        "threads": threads,
+        "checkpoint_layers": a.checkpoint_layers,
+        "loss_chunk": a.loss_chunk,
+        "optimizer": if opt.is_fused() { "fused" } else { "reference" },
+        "steps": measured.len(),
+        "tokens_per_step": tokens,
+        "step_s": step_s,
+        "tokens_per_s": tokens / step_s,
+        "flops_per_step": flops,
+        "tflops": tflops,
+        "peak_tflops": peak_tflops,
+        "mfu": peak_tflops.map(|p| tflops / p),
+        "split_s": {
+            "data": split(&|r| r.1),
+            "forward": split(&|r| r.2.forward_s),
+            "head": split(&|r| r.2.head_s),
+            "backward": split(&|r| r.2.backward_s),
+            "optimizer": split(&|r| r.3),
+        },
+        "step_times_s": measured.iter().map(|r| r.0).collect::<Vec<_>>(),
+        "peak_rss_mb": peak_rss_mb(),
+        "cuda_peak_allocated_mb": cuda.map(|m| mb(m.peak_allocated)),
+        "cuda_peak_reserved_mb": cuda.map(|m| mb(m.peak_reserved)),
+        "memory_estimate_mb": estimate.total_bytes() / 1e6,
+        "memory_estimate": estimate.to_json(),
+    });
+    let text = serde_json::to_string_pretty(&report)?;
+    println!("{text}");
+    if let Some(path) = &a.json {
+        std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}

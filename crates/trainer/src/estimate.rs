@@ -1,0 +1,103 @@
+//! Peak memory of a training step, by component: what `--dry-run` plans with and what
+//! `longmix bench` prints next to the measured peak (docs/performance.md breaks it down).
+//!
+//! Elements saved for the backward per token and decoder layer (LLaMA/Phi-3, hidden `h`,
+//! query width `q = heads * head_dim`, key/value width `kv`, MLP width `i`):
+//!
+//! * each RMSNorm: its input and the normalised output (`2h`, twice per layer);
+//! * attention: rotated q and k, v, the SDPA output and its `[T, q]` copy for `o_proj`
+//!   (`3q + 2kv`);
+//! * MLP: gate, up, SiLU(gate) and their product (`4i`).
+//!
+//! Without layer checkpointing every layer keeps its set; with it only each layer's input
+//! (`h`) is kept and one layer's set exists at a time, with about as much again for its
+//! gradients while it back-propagates. The LM head holds, per chunk, float32 logits, their
+//! log-softmax and the logits' gradient (`3 * chunk * vocab`). The optimizer's own temporaries
+//! are a few copies of the largest parameter for the tensor-op AdamW and none for the fused
+//! kernel. On CPU the process also holds LibTorch itself and memory the C allocator keeps
+//! after it is freed ([`CPU_RUNTIME_BYTES`], [`CPU_RETENTION`], measured by `longmix bench`).
+
+use longmix_model::{MemoryOptions, ModelConfig};
+use serde_json::json;
+use tch::{Device, Kind};
+
+/// Resident LibTorch, tokenizer and process before the model exists (CPU, measured).
+pub const CPU_RUNTIME_BYTES: f64 = 0.35e9;
+/// Freed working memory the C allocator still holds at the peak, as a share of the step's
+/// transient working set (CPU, measured by `longmix bench`).
+pub const CPU_RETENTION: f64 = 0.5;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemoryEstimate {
+    /// Weights and gradients in the compute dtype, AdamW moments (and float32 masters).
+    pub state: f64,
+    /// Activations kept for the backward (every layer's, or each layer's input).
+    pub saved: f64,
+    /// One layer's working set and its gradients during the backward (with checkpointing:
+    /// the recomputed layer).
+    pub layer: f64,
+    /// The LM head chunk's logits, log-softmax and gradient.
+    pub head: f64,
+    /// Optimizer temporaries.
+    pub optimizer: f64,
+    /// LibTorch itself and allocator retention (CPU only).
+    pub runtime: f64,
+}
+
+impl MemoryEstimate {
+    /// The estimate for `tokens` tokens per micro-batch of model `c` computing in `kind` on
+    /// `device`, with `opt_bytes` optimizer bytes per parameter element over `opt_share` of the
+    /// parameters (1, or 1 / world with ZeRO-1), and `fused` when the fused AdamW kernel runs.
+    pub fn new(
+        c: &ModelConfig,
+        kind: Kind,
+        opt_bytes: u64,
+        opt_share: f64,
+        tokens: i64,
+        mem: MemoryOptions,
+        fused: bool,
+        device: Device,
+    ) -> MemoryEstimate {
+        let b = kind.elt_size_in_bytes() as f64;
+        let n = c.n_params();
+        let t = tokens as f64;
+        let (h, q, kv, i) = (
+            c.hidden_size as f64,
+            (c.num_attention_heads * c.head_dim) as f64,
+            (c.num_key_value_heads * c.head_dim) as f64,
+            c.intermediate_size as f64,
+        );
+        let layers = c.num_hidden_layers as f64;
+        let per_layer = t * (4.0 * h + 3.0 * q + 2.0 * kv + 4.0 * i) * b;
+        let (saved, layer) = if mem.checkpoint_layers {
+            (t * h * b * (layers + 1.0), 2.0 * per_layer)
+        } else {
+            (per_layer * layers, per_layer)
+        };
+        let chunk = mem.loss_chunk.map_or(t, |c| (c as f64).min(t));
+        let head = 3.0 * chunk * c.vocab_size as f64 * 4.0 + t * h * 4.0;
+        let largest = (c.vocab_size * c.hidden_size).max(c.hidden_size * c.intermediate_size) as f64;
+        let optimizer = if fused { 0.0 } else { 4.0 * largest * 4.0 };
+        let runtime = match device {
+            Device::Cpu => CPU_RUNTIME_BYTES + CPU_RETENTION * (layer + head + optimizer),
+            _ => 0.0,
+        };
+        MemoryEstimate { state: n * 2.0 * b + n * opt_share * opt_bytes as f64, saved, layer, head, optimizer, runtime }
+    }
+
+    pub fn total_bytes(&self) -> f64 {
+        self.state + self.saved + self.layer + self.head + self.optimizer + self.runtime
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let mb = |x: f64| (x / 1e6).round();
+        json!({
+            "state_mb": mb(self.state),
+            "saved_activations_mb": mb(self.saved),
+            "layer_working_set_mb": mb(self.layer),
+            "lm_head_mb": mb(self.head),
+            "optimizer_temporaries_mb": mb(self.optimizer),
+            "runtime_mb": mb(self.runtime),
+        })
+    }
+}
