@@ -64,6 +64,7 @@ def main():
     ap.add_argument("--threads", type=int)
     ap.add_argument("--fused", action="store_true", help="torch.optim.AdamW(fused=True)")
     ap.add_argument("--peak-tflops", type=float)
+    ap.add_argument("--profile", help="Chrome trace of the last step (torch.profiler)")
     ap.add_argument("--json")
     a = ap.parse_args()
 
@@ -93,6 +94,11 @@ def main():
             reset_peak_rss()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+        prof = None
+        if a.profile and i + 1 == a.warmup + a.steps:
+            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            prof = torch.profiler.profile(activities=acts, record_shapes=True)
+            prof.__enter__()
         t0 = time.perf_counter()
         ids = torch.randint(config.vocab_size, (a.rows, a.seq_len)).to(device)
         sync()
@@ -110,6 +116,9 @@ def main():
         sync()
         t4 = time.perf_counter()
         records.append((t4 - t0, t1 - t0, t2 - t1, t3 - t2, t4 - t3))
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            prof.export_chrome_trace(a.profile)
         print(f"reference step {i + 1}/{a.warmup + a.steps}: {t4 - t0:.2f} s, loss {loss.item():.3f}",
               file=sys.stderr, flush=True)
 

@@ -1,4 +1,4 @@
-//! Compile `csrc/*.cpp` (c10d, attention, fused AdamW, CUDA memory statistics) against the
+//! Compile `csrc/*.cpp` (c10d, attention, fused AdamW, CUDA memory statistics, profiler) against the
 //! set-up's LibTorch headers (see launch/setup.sh).
 //!
 //! * Gloo headers: Debian's libgloo-dev (`/usr/include`) or its .deb unpacked under
@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 
 /// One file per concern; `ffi.h` holds their shared calling convention.
-const SOURCES: [&str; 4] = ["c10d.cpp", "attention.cpp", "optim.cpp", "cuda.cpp"];
+const SOURCES: [&str; 5] = ["c10d.cpp", "attention.cpp", "optim.cpp", "cuda.cpp", "profile.cpp"];
 
 fn main() {
     longmix_build::link_libtorch();

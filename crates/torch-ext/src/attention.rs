@@ -103,6 +103,11 @@ pub fn varlen_attention(q: &Tensor, k: &Tensor, v: &Tensor, cu_seqlens: &[i64], 
         let left = sliding_window.filter(|&w| w < max_len).map(|w| w - 1);
         return flash_varlen(q, k, v, &cu, max_len, true, left).expect("flash attention over packed rows");
     }
+    per_document(q, k, v, cu_seqlens, sliding_window)
+}
+
+/// [`varlen_attention`] one document at a time through SDPA: exact on every device and dtype.
+pub fn per_document(q: &Tensor, k: &Tensor, v: &Tensor, cu_seqlens: &[i64], sliding_window: Option<i64>) -> Tensor {
     let pieces: Vec<Tensor> = cu_seqlens
         .windows(2)
         .map(|w| {

@@ -7,9 +7,11 @@
 //!   through the dispatcher), with an exact per-sequence fallback elsewhere.
 //! * [`optim`]: PyTorch's fused AdamW kernel over tensors we own.
 //! * [`cuda`]: the CUDA caching allocator's current and peak memory.
+//! * [`profile`]: LibTorch's profiler, writing the Chrome trace `torch.profiler` writes.
 
 pub mod attention;
 pub mod c10d;
 pub mod cuda;
 mod ffi;
 pub mod optim;
+pub mod profile;

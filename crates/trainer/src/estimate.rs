@@ -12,20 +12,30 @@
 //! Without layer checkpointing every layer keeps its set; with it only each layer's input
 //! (`h`) is kept and one layer's set exists at a time, with about as much again for its
 //! gradients while it back-propagates. The LM head holds, per chunk, float32 logits, their
-//! log-softmax and the logits' gradient (`3 * chunk * vocab`). The optimizer's own temporaries
-//! are a few copies of the largest parameter for the tensor-op AdamW and none for the fused
-//! kernel. On CPU the process also holds LibTorch itself and memory the C allocator keeps
+//! log-softmax and the gradients of both (`4 * chunk * vocab`). The optimizer's temporaries are
+//! a few copies of the largest parameter (see [`MemoryEstimate::new`]). On CPU the process also holds LibTorch itself and memory the C allocator keeps
 //! after it is freed ([`CPU_RUNTIME_BYTES`], [`CPU_RETENTION`], measured by `longmix bench`).
 
 use longmix_model::{MemoryOptions, ModelConfig};
+
+use crate::optim::FUSED_GROUP_BYTES;
 use serde_json::json;
 use tch::{Device, Kind};
 
 /// Resident LibTorch, tokenizer and process before the model exists (CPU, measured).
-pub const CPU_RUNTIME_BYTES: f64 = 0.35e9;
+pub const CPU_RUNTIME_BYTES: f64 = 0.48e9;
 /// Freed working memory the C allocator still holds at the peak, as a share of the step's
 /// transient working set (CPU, measured by `longmix bench`).
 pub const CPU_RETENTION: f64 = 0.5;
+
+/// What the optimizer holds: bytes per parameter element it updates, the share of the
+/// parameters it updates (1, or 1 / world with ZeRO-1), and whether the fused kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OptimizerMemory {
+    pub bytes_per_element: u64,
+    pub share: f64,
+    pub fused: bool,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MemoryEstimate {
@@ -46,16 +56,13 @@ pub struct MemoryEstimate {
 
 impl MemoryEstimate {
     /// The estimate for `tokens` tokens per micro-batch of model `c` computing in `kind` on
-    /// `device`, with `opt_bytes` optimizer bytes per parameter element over `opt_share` of the
-    /// parameters (1, or 1 / world with ZeRO-1), and `fused` when the fused AdamW kernel runs.
+    /// `device`.
     pub fn new(
         c: &ModelConfig,
         kind: Kind,
-        opt_bytes: u64,
-        opt_share: f64,
+        opt: OptimizerMemory,
         tokens: i64,
         mem: MemoryOptions,
-        fused: bool,
         device: Device,
     ) -> MemoryEstimate {
         let b = kind.elt_size_in_bytes() as f64;
@@ -75,21 +82,30 @@ impl MemoryEstimate {
             (per_layer * layers, per_layer)
         };
         let chunk = mem.loss_chunk.map_or(t, |c| (c as f64).min(t));
-        let head = 3.0 * chunk * c.vocab_size as f64 * 4.0 + t * h * 4.0;
+        let head = 4.0 * chunk * c.vocab_size as f64 * 4.0 + t * h * 4.0;
         let largest = (c.vocab_size * c.hidden_size).max(c.hidden_size * c.intermediate_size) as f64;
-        let optimizer = if fused { 0.0 } else { 4.0 * largest * 4.0 };
+        // The gradient norm squares one parameter at a time; the tensor-op AdamW makes about four
+        // float32 temporaries of a parameter; the fused kernel none, but float32 copies of a
+        // group's bf16/f16 gradients.
+        let optimizer = largest * 4.0
+            + match (opt.fused, kind) {
+                (false, _) => 4.0 * largest * 4.0,
+                (true, Kind::Float) => 0.0,
+                (true, _) => FUSED_GROUP_BYTES as f64 + largest * 4.0,
+            };
         let runtime = match device {
             Device::Cpu => CPU_RUNTIME_BYTES + CPU_RETENTION * (layer + head + optimizer),
             _ => 0.0,
         };
-        MemoryEstimate { state: n * 2.0 * b + n * opt_share * opt_bytes as f64, saved, layer, head, optimizer, runtime }
+        let state = n * 2.0 * b + n * opt.share * opt.bytes_per_element as f64;
+        MemoryEstimate { state, saved, layer, head, optimizer, runtime }
     }
 
     pub fn total_bytes(&self) -> f64 {
         self.state + self.saved + self.layer + self.head + self.optimizer + self.runtime
     }
 
-    pub fn to_json(&self) -> serde_json::Value {
+    pub fn to_json(self) -> serde_json::Value {
         let mb = |x: f64| (x / 1e6).round();
         json!({
             "state_mb": mb(self.state),

@@ -84,7 +84,13 @@ impl Metrics {
             "lr": s.lr, "grad_norm": s.grad_norm, "tokens_per_s": s.tokens as f64 / s.seconds, "step_s": s.seconds,
             "tokens_seen": s.tokens_seen, "peak_rss_mb": peak_rss_mb(),
             "compute_s": s.compute_s, "comm_launch_s": s.comm_launch_s, "comm_wait_s": s.comm_wait_s,
+            "forward_s": s.phases.forward_s, "head_s": s.phases.head_s, "backward_s": s.phases.backward_s,
+            "optimizer_s": s.optimizer_s,
         });
+        if let Some(m) = s.cuda_memory {
+            line["cuda_peak_allocated_mb"] = json!(m.peak_allocated as f64 / 1e6);
+            line["cuda_peak_reserved_mb"] = json!(m.peak_reserved as f64 / 1e6);
+        }
         if !s.rank_compute_s.is_empty() {
             // Idle time of each rank: how long it waited for the slowest one's compute.
             let idle = crate::distributed::idle(&s.rank_compute_s);

@@ -96,6 +96,22 @@ struct Slot {
     decay: bool,
 }
 
+/// Parameter bytes (float32) per fused AdamW call.
+pub const FUSED_GROUP_BYTES: usize = 256 << 20;
+
+/// One fused AdamW call over `slots` (masters where the model computes in bf16/f16, whose
+/// gradients are upcast for the call and whose model copies are refreshed after it).
+fn fused_group(slots: &[&Slot], step: &Tensor, h: AdamWStep, scale: Option<&Tensor>) {
+    let params: Vec<Tensor> = slots.iter().map(|s| s.master.as_ref().unwrap_or(&s.param).shallow_clone()).collect();
+    let grads: Vec<Tensor> = slots.iter().map(|s| s.param.grad().to_kind(Kind::Float)).collect();
+    let m: Vec<Tensor> = slots.iter().map(|s| s.m.shallow_clone()).collect();
+    let v: Vec<Tensor> = slots.iter().map(|s| s.v.shallow_clone()).collect();
+    fused_adamw(&params, &grads, &m, &v, step, h, scale).expect("fused AdamW");
+    for s in slots.iter().filter(|s| s.master.is_some()) {
+        s.param.shallow_clone().copy_(s.master.as_ref().unwrap());
+    }
+}
+
 pub struct AdamW {
     pub config: AdamWConfig,
     slots: BTreeMap<String, Slot>,
@@ -164,29 +180,29 @@ impl AdamW {
         });
     }
 
-    /// [`AdamW::step`] through the fused kernel: one call for the decayed parameters and one for
-    /// the others, the clip factor as gradient scale (the kernel divides by it).
+    /// [`AdamW::step`] through the fused kernel, over groups of decayed and of undecayed
+    /// parameters, the clip factor as gradient scale (the kernel divides by it).
     fn fused_update(&self, step: &Tensor, lr: f64, clip: f64) {
         let [beta1, beta2] = self.config.betas;
         tch::no_grad(|| {
             let _ = step.shallow_clone().fill_(self.step as f64);
             let scale = (clip < 1.0).then(|| Tensor::from(1.0 / clip as f32).to_device(step.device()));
             for decay in [true, false] {
-                let slots: Vec<&Slot> =
-                    self.slots.values().filter(|s| s.decay == decay && s.param.grad().defined()).collect();
-                if slots.is_empty() {
-                    continue;
-                }
-                let params: Vec<Tensor> =
-                    slots.iter().map(|s| s.master.as_ref().unwrap_or(&s.param).shallow_clone()).collect();
-                let grads: Vec<Tensor> = slots.iter().map(|s| s.param.grad().to_kind(Kind::Float)).collect();
-                let m: Vec<Tensor> = slots.iter().map(|s| s.m.shallow_clone()).collect();
-                let v: Vec<Tensor> = slots.iter().map(|s| s.v.shallow_clone()).collect();
                 let weight_decay = if decay { self.config.weight_decay } else { 0.0 };
                 let h = AdamWStep { lr, beta1, beta2, weight_decay, eps: self.config.eps };
-                fused_adamw(&params, &grads, &m, &v, step, h, scale.as_ref()).expect("fused AdamW");
-                for s in slots.iter().filter(|s| s.master.is_some()) {
-                    s.param.shallow_clone().copy_(s.master.as_ref().unwrap());
+                // Groups of about FUSED_GROUP_BYTES of parameters, so float32 copies of bf16
+                // gradients exist for one group at a time.
+                let (mut group, mut bytes) = (Vec::new(), 0);
+                for s in self.slots.values().filter(|s| s.decay == decay && s.param.grad().defined()) {
+                    group.push(s);
+                    bytes += s.m.numel() * 4;
+                    if bytes >= FUSED_GROUP_BYTES {
+                        fused_group(&group, step, h, scale.as_ref());
+                        (group, bytes) = (Vec::new(), 0);
+                    }
+                }
+                if !group.is_empty() {
+                    fused_group(&group, step, h, scale.as_ref());
                 }
             }
         });
@@ -235,6 +251,16 @@ impl AdamW {
         })?;
         self.step = meta["step"].as_u64().context("the optimizer state lacks its step count")?;
         Ok(())
+    }
+
+    /// What [`crate::estimate::MemoryEstimate`] needs to know of this optimizer, updating
+    /// `share` of the model's parameters.
+    pub fn memory(&self, share: f64) -> crate::estimate::OptimizerMemory {
+        crate::estimate::OptimizerMemory {
+            bytes_per_element: self.state_bytes_per_element(),
+            share,
+            fused: self.is_fused(),
+        }
     }
 
     /// Whether updates run PyTorch's fused kernel.

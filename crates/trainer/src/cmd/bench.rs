@@ -67,6 +67,10 @@ pub struct Args {
     /// The device's peak dense TFLOP/s for MFU (default: known GPUs by name; none on CPU).
     #[arg(long)]
     pub peak_tflops: Option<f64>,
+    /// Record the last measured step with LibTorch's profiler and write its Chrome trace here
+    /// (`benches/profile_ops.py` compares two traces op by op).
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
     /// Also write the JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -97,6 +101,14 @@ fn rows(a: &Args, vocab: i64, device: Device) -> (Tensor, Tensor, Tensor, f64) {
     let ids = Tensor::randint(vocab, [a.rows, a.seq_len], (Kind::Int64, Device::Cpu));
     let targets = batch_targets(&ids, &pos);
     (ids.to_device(device), pos.to_device(device), targets.to_device(device), doc_len_sq)
+}
+
+/// One step's wall time and its split.
+struct StepRecord {
+    step_s: f64,
+    data_s: f64,
+    phases: Phases,
+    optimizer_s: f64,
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -143,8 +155,7 @@ pub fn run(a: Args) -> Result<()> {
         sync_phases: true,
     };
     let tokens = a.rows * a.seq_len;
-    let estimate =
-        MemoryEstimate::new(&c, kind, opt.state_bytes_per_element(), 1.0, tokens, mem, opt.is_fused(), device);
+    let estimate = MemoryEstimate::new(&c, kind, opt.memory(1.0), tokens, mem, device);
     let sync = || {
         if let Device::Cuda(i) = device {
             tch::Cuda::synchronize(i as i64);
@@ -153,9 +164,10 @@ pub fn run(a: Args) -> Result<()> {
     let tensors: Vec<&Tensor> = params.iter().map(|(_, t)| t).collect();
     let bar = indicatif::ProgressBar::new((a.warmup + a.steps) as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("bench {bar:30} {pos}/{len} steps  {per_sec}  eta {eta}  {msg}").unwrap(),
+        indicatif::ProgressStyle::with_template("bench {bar:30} {pos}/{len} steps  {per_sec}  eta {eta}  {msg}")
+            .unwrap(),
     );
-    let mut rec: Vec<(f64, f64, Phases, f64)> = Vec::new();
+    let mut rec: Vec<StepRecord> = Vec::new();
     let mut doc_len_sq = 0.0;
     for i in 0..a.warmup + a.steps {
         if i == a.warmup {
@@ -163,6 +175,10 @@ pub fn run(a: Args) -> Result<()> {
             if let Device::Cuda(d) = device {
                 longmix_torch_ext::cuda::reset_peak(d)?;
             }
+        }
+        let profiled = a.profile.as_ref().filter(|_| i + 1 == a.warmup + a.steps);
+        if profiled.is_some() {
+            longmix_torch_ext::profile::start(device.is_cuda())?;
         }
         let t0 = Instant::now();
         let (ids, pos, targets, sq) = rows(&a, c.vocab_size, device);
@@ -177,13 +193,16 @@ pub fn run(a: Args) -> Result<()> {
         opt.step(1e-5, norm);
         sync();
         let optimizer_s = t_opt.elapsed().as_secs_f64();
-        rec.push((t0.elapsed().as_secs_f64(), data_s, out.phases, optimizer_s));
+        rec.push(StepRecord { step_s: t0.elapsed().as_secs_f64(), data_s, phases: out.phases, optimizer_s });
+        if let Some(path) = profiled {
+            longmix_torch_ext::profile::stop(path)?;
+        }
         bar.set_message(format!("loss {:.3}", out.loss.mean()));
         bar.inc(1);
     }
     bar.finish_and_clear();
     let measured = &rec[a.warmup.min(rec.len())..];
-    let step_s = median(measured.iter().map(|r| r.0).collect());
+    let step_s = median(measured.iter().map(|r| r.step_s).collect());
     let tokens = tokens as f64;
     let flops = c.train_flops(tokens, doc_len_sq);
     let gpu = match device {
@@ -197,7 +216,7 @@ pub fn run(a: Args) -> Result<()> {
         _ => None,
     };
     let mb = |b: i64| b as f64 / 1e6;
-    let split = |f: &dyn Fn(&(f64, f64, Phases, f64)) -> f64| median(measured.iter().map(f).collect());
+    let split = |f: &dyn Fn(&StepRecord) -> f64| median(measured.iter().map(f).collect());
     let report = json!({
         "tool": "longmix",
         "model": name,
@@ -222,13 +241,13 @@ pub fn run(a: Args) -> Result<()> {
         "peak_tflops": peak_tflops,
         "mfu": peak_tflops.map(|p| tflops / p),
         "split_s": {
-            "data": split(&|r| r.1),
-            "forward": split(&|r| r.2.forward_s),
-            "head": split(&|r| r.2.head_s),
-            "backward": split(&|r| r.2.backward_s),
-            "optimizer": split(&|r| r.3),
+            "data": split(&|r| r.data_s),
+            "forward": split(&|r| r.phases.forward_s),
+            "head": split(&|r| r.phases.head_s),
+            "backward": split(&|r| r.phases.backward_s),
+            "optimizer": split(&|r| r.optimizer_s),
         },
-        "step_times_s": measured.iter().map(|r| r.0).collect::<Vec<_>>(),
+        "step_times_s": measured.iter().map(|r| r.step_s).collect::<Vec<_>>(),
         "peak_rss_mb": peak_rss_mb(),
         "cuda_peak_allocated_mb": cuda.map(|m| mb(m.peak_allocated)),
         "cuda_peak_reserved_mb": cuda.map(|m| mb(m.peak_reserved)),

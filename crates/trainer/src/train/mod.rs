@@ -27,8 +27,11 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use longmix_data::{DataConfig, Loader, Prefetcher, Row};
-use longmix_model::{export_hf, load_model, ExportOptions, Extension, LoadedModel, MemoryOptions, StepLoss, Window};
+use longmix_model::{
+    export_hf, load_model, ExportOptions, Extension, LoadedModel, MemoryOptions, Phases, StepLoss, Window,
+};
 use longmix_torch_ext::c10d::ReduceOp;
+use longmix_torch_ext::cuda::{self, CudaMemory};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, Checkpoint, Team, TrainerState};
@@ -98,6 +101,13 @@ pub struct StepStats {
     pub rank_peak_rss_mb: Vec<f64>,
     /// Whether any rank was asked to stop (SIGINT/SIGTERM); all ranks stop at the same step.
     pub stop_requested: bool,
+    /// This rank's forward / LM head / backward seconds, summed over its micro-batches (on CUDA
+    /// as the host saw them: kernels still queued count in the next phase).
+    pub phases: Phases,
+    /// Gradient norm, AdamW update and (ZeRO-1) parameter broadcast, seconds.
+    pub optimizer_s: f64,
+    /// This rank's GPU memory, its peak over this step (None on CPU).
+    pub cuda_memory: Option<CudaMemory>,
 }
 
 /// Held-out mean NLL of the short and of the long rows (None for a kind without rows).
@@ -205,9 +215,9 @@ impl Trainer {
     /// trained row of the global row stream, which every rank reads whole).
     pub fn setup(cfg: TrainConfig, resume: Option<&str>, launch: Option<Launch>) -> Result<(Trainer, Loader)> {
         // Several ranks on one machine share its cores instead of each spinning on all of them.
-        let local = launch.as_ref().map_or(1, |l| {
-            std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.parse().ok()).unwrap_or(l.world_size)
-        });
+        let local = launch
+            .as_ref()
+            .map_or(1, |l| std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.parse().ok()).unwrap_or(l.world_size));
         tch::set_num_threads(crate::device::intra_op_threads(cfg.model.threads, local));
         tch::manual_seed(cfg.train.seed as i64);
         let mut device = parse_device(&cfg.model.device).context("key `model.device`")?;
@@ -413,6 +423,7 @@ impl Trainer {
         optim::zero_grad(self.params.iter().map(|(_, t)| t));
         // Per window: summed NLL, scored tokens, rows; then window mismatches.
         let mut sums = [0.0f64; 7];
+        let mut phases = Phases::default();
         let micro: Vec<&[&Row]> = mine.chunks(self.cfg.train.micro_batch_rows).collect();
         let overlap = self.dist.as_ref().is_some_and(|d| d.cfg.overlap);
         let mut inflight = match (&self.sync, &self.dist) {
@@ -425,6 +436,7 @@ impl Trainer {
                 Some(f) => self.forward_backward_step(mb, scale, &mut |i| f.layer_done(i)),
                 None => self.forward_backward_step(mb, scale, &mut |_| {}),
             };
+            phases.add(&out.phases);
             for (i, w) in out.windows.iter().enumerate() {
                 let o = 3 * (*w == Window::Long) as usize;
                 sums[o] += out.loss.row_nll[i];
@@ -456,6 +468,7 @@ impl Trainer {
             rank_peak_rss_mb = v[8 + 2 * w..].to_vec();
         }
         let loss = (sums[0] + sums[3]) / step_targets.max(1) as f64;
+        let t_opt = Instant::now();
         let grad_norm = match (&self.owner, &self.dist) {
             // ZeRO-1: each rank holds the summed gradients of its own parameters only.
             (Some(owner), Some(d)) => {
@@ -479,6 +492,15 @@ impl Trainer {
             distributed::broadcast_owned(&d.pg, &self.params, owner)
                 .map_err(|e| d.failure(step, "ZeRO-1 parameter broadcast", e))?;
         }
+        let optimizer_s = t_opt.elapsed().as_secs_f64();
+        let cuda_memory = match self.device {
+            Device::Cuda(d) => {
+                let m = cuda::memory(d)?;
+                cuda::reset_peak(d)?;
+                Some(m)
+            }
+            _ => None,
+        };
         self.state.step = step;
         let tokens = (rows.len() * self.cfg.train.seq_len) as u64;
         self.state.tokens_seen += tokens;
@@ -503,6 +525,9 @@ impl Trainer {
             rank_wait_s,
             rank_peak_rss_mb,
             stop_requested,
+            phases,
+            optimizer_s,
+            cuda_memory,
         })
     }
 

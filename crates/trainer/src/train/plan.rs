@@ -41,16 +41,7 @@ impl Trainer {
         let kind = parse_dtype(&cfg.model.dtype).unwrap_or(Kind::Float);
         let share = if zero1 { 1.0 / world as f64 } else { 1.0 };
         let tokens = (t.micro_batch_rows * t.seq_len) as i64;
-        let est = MemoryEstimate::new(
-            c,
-            kind,
-            self.opt.state_bytes_per_element(),
-            share,
-            tokens,
-            self.mem,
-            self.opt.is_fused(),
-            self.device,
-        );
+        let est = MemoryEstimate::new(c, kind, self.opt.memory(share), tokens, self.mem, self.device);
         let (l0, l) = (ext.original_length, ext.target_length);
         println!("plan");
         println!(

@@ -1,0 +1,123 @@
+//! `kernel-check [cuda|cpu]`: the GPU numerics of training, each against an independent path,
+//! exiting non-zero on any mismatch (run by `launch/gpu-check-speed.sh`; on `cpu` it checks
+//! the fallbacks, which is how it is tried on machines without a GPU).
+//!
+//! 1. Packed rows: [`varlen_attention`] (FlashAttention-2 over `cu_seqlens` on CUDA in bf16)
+//!    equals per-document SDPA in float32, output and q/k/v gradients, with grouped KV heads
+//!    and with a sliding window.
+//! 2. A small LLaMA on a mixed batch (packed short row + long row) in bf16: the checkpointed,
+//!    chunked-head path gives the plain path's loss and gradients.
+//! 3. The CUDA allocator statistics see a 1 GB tensor and reset.
+
+use anyhow::{ensure, Result};
+use longmix_model::{batch_targets, CausalLm, MemoryOptions, ModelConfig};
+use longmix_torch_ext::attention::{flash_varlen_available, per_document, varlen_attention};
+use tch::{nn, Device, Kind, Tensor};
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
+    (&a - &b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-6)
+}
+
+fn attention(device: Device, kind: Kind) -> Result<()> {
+    let cu = [0i64, 700, 1500, 1501, 4096, 4500];
+    let total = *cu.last().unwrap();
+    for (heads, kv, window) in [(8, 8, None), (8, 2, None), (8, 2, Some(256))] {
+        tch::manual_seed(1);
+        let mk = |h: i64| Tensor::randn([total, h, 64], (Kind::Float, device)).set_requires_grad(true);
+        let (q, k, v) = (mk(heads), mk(kv), mk(kv));
+        let up = Tensor::randn([total, heads, 64], (Kind::Float, device));
+        let cast = |x: &Tensor| x.to_kind(kind);
+        let fast = varlen_attention(&cast(&q), &cast(&k), &cast(&v), &cu, window);
+        (fast.to_kind(Kind::Float) * &up).sum(Kind::Float).backward();
+        let fast_grads = [q.grad().copy(), k.grad().copy(), v.grad().copy()];
+        for t in [&q, &k, &v] {
+            let _ = t.grad().zero_();
+        }
+        let exact = per_document(&q, &k, &v, &cu, window);
+        (&exact * &up).sum(Kind::Float).backward();
+        let out = max_rel(&fast, &exact);
+        let grads: Vec<f64> =
+            fast_grads.iter().zip([q.grad(), k.grad(), v.grad()]).map(|(a, b)| max_rel(a, &b)).collect();
+        let worst = grads.iter().cloned().fold(0.0, f64::max);
+        println!("varlen attention heads {heads}/{kv} window {window:?}: output rel diff {out:.2e}, worst gradient {worst:.2e}");
+        ensure!(out < 2e-2 && worst < 5e-2, "varlen attention disagrees with per-document SDPA");
+    }
+    Ok(())
+}
+
+const TINY: &str = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 512,
+  "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 1000,
+  "max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": false}"#;
+
+fn checkpointing(device: Device, kind: Kind) -> Result<()> {
+    tch::manual_seed(2);
+    let mut vs = nn::VarStore::new(device);
+    let model = CausalLm::new(&vs.root(), ModelConfig::from_json_str(TINY)?);
+    vs.set_kind(kind);
+    let ids = Tensor::randint(1000, [2, 1024], (Kind::Int64, device));
+    let packed: Vec<i64> = [300, 500, 224].iter().flat_map(|&n| 0..n).collect();
+    let pos = Tensor::stack(&[Tensor::from_slice(&packed), Tensor::arange(1024, (Kind::Int64, Device::Cpu))], 0)
+        .to_device(device);
+    let targets = batch_targets(&ids, &pos);
+    let run = |opts: MemoryOptions| {
+        for v in vs.trainable_variables() {
+            let mut g = v.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let loss = model.forward_backward(&ids, &pos, &targets, 1e-3, opts).loss.sum();
+        let grads: Vec<Tensor> =
+            vs.trainable_variables().iter().map(|v| v.grad().to_kind(Kind::Float).copy()).collect();
+        (loss, grads)
+    };
+    let plain = run(MemoryOptions::default());
+    let ckpt = run(MemoryOptions { checkpoint_layers: true, loss_chunk: Some(300), sync_phases: false });
+    let worst = plain.1.iter().zip(&ckpt.1).map(|(a, b)| max_rel(b, a)).fold(0.0, f64::max);
+    let dloss = (plain.0 - ckpt.0).abs() / plain.0.abs();
+    println!("checkpointed vs plain ({kind:?}): loss rel diff {dloss:.2e}, worst gradient rel diff {worst:.2e}");
+    let tol = if kind == Kind::Float { 1e-4 } else { 3e-2 };
+    ensure!(dloss < tol && worst < tol, "the checkpointed path's gradients differ from the plain path's");
+    Ok(())
+}
+
+fn allocator(device: usize) -> Result<()> {
+    use longmix_torch_ext::cuda;
+    cuda::reset_peak(device)?;
+    let before = cuda::memory(device)?;
+    let big = Tensor::zeros([250_000_000], (Kind::Float, Device::Cuda(device)));
+    let held = cuda::memory(device)?;
+    drop(big);
+    cuda::reset_peak(device)?;
+    let after = cuda::memory(device)?;
+    println!("allocator: {before:?} -> with 1 GB {held:?} -> after reset {after:?}");
+    ensure!(held.peak_allocated - before.allocated >= 1_000_000_000, "the allocator's peak missed a 1 GB tensor");
+    ensure!(after.peak_allocated < held.peak_allocated, "reset_peak did not reset the peak");
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let device = match std::env::args().nth(1).as_deref() {
+        Some("cpu") => Device::Cpu,
+        _ => {
+            ensure!(
+                tch::Cuda::is_available(),
+                "CUDA is not available to this binary (no driver, or libtorch_cuda missing)"
+            );
+            Device::Cuda(0)
+        }
+    };
+    let kind = if device.is_cuda() { Kind::BFloat16 } else { Kind::Float };
+    if device.is_cuda() {
+        ensure!(flash_varlen_available(), "this LibTorch has no CUDA kernel for aten::_flash_attention_forward");
+    }
+    attention(device, kind)?;
+    checkpointing(device, Kind::Float)?;
+    checkpointing(device, kind)?;
+    if let Device::Cuda(d) = device {
+        allocator(d)?;
+    }
+    println!("kernel-check ok on {device:?}");
+    Ok(())
+}
