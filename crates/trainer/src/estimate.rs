@@ -22,11 +22,12 @@ use crate::optim::FUSED_GROUP_BYTES;
 use serde_json::json;
 use tch::{Device, Kind};
 
-/// Resident LibTorch, tokenizer and process before the model exists (CPU, measured).
+/// Resident LibTorch and process before the model exists (CPU: `longmix env`'s peak RSS).
 pub const CPU_RUNTIME_BYTES: f64 = 0.48e9;
 /// Freed working memory the C allocator still holds at the peak, as a share of the step's
-/// transient working set (CPU, measured by `longmix bench`).
-pub const CPU_RETENTION: f64 = 0.5;
+/// transient working set (CPU; fitted to SmolLM2-135M at 2048 tokens with and without layer
+/// checkpointing, measured by `longmix bench`: docs/performance.md).
+pub const CPU_RETENTION: f64 = 0.25;
 
 /// What the optimizer holds: bytes per parameter element it updates, the share of the
 /// parameters it updates (1, or 1 / world with ZeRO-1), and whether the fused kernel runs.
