@@ -85,7 +85,7 @@ impl Metrics {
             "tokens_seen": s.tokens_seen, "peak_rss_mb": peak_rss_mb(),
             "compute_s": s.compute_s, "comm_launch_s": s.comm_launch_s, "comm_wait_s": s.comm_wait_s,
             "forward_s": s.phases.forward_s, "head_s": s.phases.head_s, "backward_s": s.phases.backward_s,
-            "optimizer_s": s.optimizer_s,
+            "optimizer_s": s.optimizer_s, "data_wait_s": s.data_wait_s,
         });
         if let Some(m) = s.cuda_memory {
             line["cuda_peak_allocated_mb"] = json!(m.peak_allocated as f64 / 1e6);

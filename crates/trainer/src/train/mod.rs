@@ -108,6 +108,8 @@ pub struct StepStats {
     pub optimizer_s: f64,
     /// This rank's GPU memory, its peak over this step (None on CPU).
     pub cuda_memory: Option<CudaMemory>,
+    /// Seconds the loop waited for the prefetcher's rows before the step (set by the loop).
+    pub data_wait_s: f64,
 }
 
 /// Held-out mean NLL of the short and of the long rows (None for a kind without rows).
@@ -528,6 +530,7 @@ impl Trainer {
             phases,
             optimizer_s,
             cuda_memory,
+            data_wait_s: 0.0,
         })
     }
 
@@ -695,12 +698,14 @@ pub fn run(args: Args) -> Result<()> {
     while t.state.step < t.total_steps {
         let mut rows = Vec::with_capacity(rows_per_step);
         let mut loader_after = None;
+        let wait = Instant::now();
         for _ in 0..rows_per_step {
             let (row, after) = prefetch.next_row();
             rows.push(row);
             loader_after = Some(after);
         }
-        let s = t.train_step(&rows, STOP.load(Ordering::SeqCst))?;
+        let data_wait_s = wait.elapsed().as_secs_f64();
+        let s = StepStats { data_wait_s, ..t.train_step(&rows, STOP.load(Ordering::SeqCst))? };
         t.state.loader = loader_after.expect("a step has rows");
         if let Some(m) = metrics.as_mut() {
             m.step(&s)?;
