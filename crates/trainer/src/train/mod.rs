@@ -727,7 +727,7 @@ pub fn run(args: Args) -> Result<()> {
             peak_rss_mb()
         ));
         bar.inc(1);
-        if t.cfg.eval.every > 0 && s.step % t.cfg.eval.every == 0 {
+        if t.cfg.eval.every > 0 && s.step.is_multiple_of(t.cfg.eval.every) {
             bar.set_message(format!("held-out eval of {} rows", t.eval_rows()));
             let h = t.evaluate(&ProgressBar::hidden())?;
             if let Some(m) = metrics.as_mut() {
@@ -741,7 +741,7 @@ pub fn run(args: Args) -> Result<()> {
             }
         }
         let stop_now = s.stop_requested || args.stop_after.is_some_and(|n| s.step - run_start >= n);
-        let periodic = t.cfg.checkpoint.every > 0 && s.step % t.cfg.checkpoint.every == 0;
+        let periodic = t.cfg.checkpoint.every > 0 && s.step.is_multiple_of(t.cfg.checkpoint.every);
         if periodic || stop_now || s.step == t.total_steps {
             let dir = t.save_checkpoint()?;
             if main {
