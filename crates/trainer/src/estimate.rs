@@ -13,14 +13,16 @@
 //! (`h`) is kept and one layer's set exists at a time, with about as much again for its
 //! gradients while it back-propagates. The LM head holds, per chunk, float32 logits, their
 //! log-softmax and the gradients of both (`4 * chunk * vocab`). The optimizer's temporaries are
-//! a few copies of the largest parameter (see [`MemoryEstimate::new`]). On CPU the process also holds LibTorch itself and memory the C allocator keeps
-//! after it is freed ([`CPU_RUNTIME_BYTES`], [`CPU_RETENTION`], measured by `longmix bench`).
+//! a few copies of the largest parameter (see [`MemoryEstimate::new`]). On CPU the process also
+//! holds LibTorch itself, memory the C allocator keeps after it is freed, and, with
+//! checkpointing, a measured share that grows with the tokens ([`CPU_RUNTIME_BYTES`],
+//! [`CPU_RETENTION`], [`CPU_CHECKPOINT_UNATTRIBUTED`]).
 
 use longmix_model::{MemoryOptions, ModelConfig};
-
-use crate::optim::FUSED_GROUP_BYTES;
 use serde_json::json;
 use tch::{Device, Kind};
+
+use crate::optim::FUSED_GROUP_BYTES;
 
 /// Resident LibTorch and process before the model exists (CPU: `longmix env`'s peak RSS).
 pub const CPU_RUNTIME_BYTES: f64 = 0.48e9;
@@ -31,6 +33,12 @@ pub const CPU_RETENTION: f64 = 0.25;
 
 /// What the optimizer holds: bytes per parameter element it updates, the share of the
 /// parameters it updates (1, or 1 / world with ZeRO-1), and whether the fused kernel runs.
+/// Resident memory of a checkpointed CPU step that grows with its tokens beyond every component
+/// above, in hidden-sized float32 tensors per token and layer: measured (SmolLM2-135M with layer
+/// checkpointing, 2048 and 8448 tokens: the measured peak grew 2.5x faster with the tokens than
+/// the components) and not yet attributed to a tensor (docs/performance.md).
+pub const CPU_CHECKPOINT_UNATTRIBUTED: f64 = 3.3;
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OptimizerMemory {
     pub bytes_per_element: u64,
@@ -51,7 +59,7 @@ pub struct MemoryEstimate {
     pub head: f64,
     /// Optimizer temporaries.
     pub optimizer: f64,
-    /// LibTorch itself and allocator retention (CPU only).
+    /// LibTorch itself, allocator retention and the measured unattributed term (CPU only).
     pub runtime: f64,
 }
 
@@ -94,8 +102,9 @@ impl MemoryEstimate {
                 (true, Kind::Float) => 0.0,
                 (true, _) => FUSED_GROUP_BYTES as f64 + largest * 4.0,
             };
+        let unattributed = if mem.checkpoint_layers { CPU_CHECKPOINT_UNATTRIBUTED * t * h * layers * 4.0 } else { 0.0 };
         let runtime = match device {
-            Device::Cpu => CPU_RUNTIME_BYTES + CPU_RETENTION * (layer + head + optimizer),
+            Device::Cpu => CPU_RUNTIME_BYTES + CPU_RETENTION * (layer + head + optimizer) + unattributed,
             _ => 0.0,
         };
         let state = n * 2.0 * b + n * opt.share * opt.bytes_per_element as f64;

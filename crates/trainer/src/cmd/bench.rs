@@ -14,7 +14,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use longmix_model::{batch_targets, load_model, CausalLm, MemoryOptions, ModelConfig, Phases};
 use serde_json::json;
 use tch::{nn, Device, Kind, Tensor};
@@ -124,7 +124,19 @@ fn median(mut xs: Vec<f64>) -> f64 {
     }
 }
 
+/// The flags' ranges, each error naming the flag and what it takes.
+fn check(a: &Args) -> Result<()> {
+    ensure!(a.seq_len >= 2, "--seq-len {}: a row needs at least 2 tokens", a.seq_len);
+    ensure!(a.rows >= 1, "--rows {}: a step needs at least one row", a.rows);
+    ensure!((0.0..=1.0).contains(&a.packed_share), "--packed-share {}: give a share from 0 to 1", a.packed_share);
+    ensure!(a.doc_len >= 2, "--doc-len {}: a document needs at least 2 tokens", a.doc_len);
+    ensure!(a.steps >= 1, "--steps 0: measure at least one step");
+    ensure!(a.loss_chunk >= 0, "--loss-chunk {}: give a positive chunk, or 0 for all positions at once", a.loss_chunk);
+    Ok(())
+}
+
 pub fn run(a: Args) -> Result<()> {
+    check(&a)?;
     let threads = intra_op_threads(a.threads, 1);
     tch::set_num_threads(threads);
     tch::manual_seed(0);
