@@ -25,7 +25,7 @@ pub struct Span {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
     /// Every row is one document.
-    Causal { seq_len: i64, sliding_window: Option<i64> },
+    Causal { sliding_window: Option<i64> },
     /// Per row, its documents in order (they tile the row).
     Documents { rows: Vec<Vec<Span>>, sliding_window: Option<i64> },
 }
@@ -54,7 +54,7 @@ impl Plan {
     pub fn new(position_ids: &Tensor, sliding_window: Option<i64>) -> Plan {
         let rows = document_spans(position_ids);
         if rows.iter().all(|r| r.len() == 1) {
-            Plan::Causal { seq_len: position_ids.size()[1], sliding_window }
+            Plan::Causal { sliding_window }
         } else {
             Plan::Documents { rows, sliding_window }
         }
@@ -63,7 +63,7 @@ impl Plan {
     /// Attention output `[B, H, T, D]` for `q` `[B, H, T, D]` and `k`, `v` `[B, H_kv, T, D]`.
     pub fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
         match self {
-            Plan::Causal { sliding_window, .. } => causal_sdpa(q, k, v, *sliding_window),
+            Plan::Causal { sliding_window } => causal_sdpa(q, k, v, *sliding_window),
             Plan::Documents { rows, sliding_window } => {
                 let (b, h, t, d) = (q.size()[0], q.size()[1], q.size()[2], q.size()[3]);
                 let pack = |x: &Tensor| x.transpose(1, 2).reshape([b * t, x.size()[1], d]);

@@ -123,10 +123,9 @@ impl CausalLm {
         let chunk = Some(opts.loss_chunk.unwrap_or(i64::MAX));
         // The head runs on a detached leaf of the final hidden states, so its backward stops
         // there and returns dL/d(hidden) for the layers' backward.
-        let head = |hidden: &Tensor, phases: &mut Phases, clock: &mut Clock| {
+        let head = |hidden: &Tensor| {
             let leaf = hidden.detach().set_requires_grad(true);
             let loss = self.head_nll(&leaf, targets, chunk, Some(scale));
-            phases.head_s = clock.lap();
             (loss, leaf.grad())
         };
         let embedded = self.embed(input_ids);
@@ -134,7 +133,8 @@ impl CausalLm {
             let x = self.layers.iter().fold(embedded, |x, layer| layer.forward(&x, &pos.cos, &pos.sin, &pos.plan));
             let hidden = self.norm.forward(&x);
             phases.forward_s = clock.lap();
-            let (loss, grad) = head(&hidden, &mut phases, &mut clock);
+            let (loss, grad) = head(&hidden);
+            phases.head_s = clock.lap();
             (hidden * grad).sum(Kind::Float).backward();
             (0..self.layers.len()).rev().for_each(&mut *layer_done);
             phases.backward_s = clock.lap();
@@ -152,7 +152,8 @@ impl CausalLm {
         // Head (with the final norm) on a detached leaf, giving dL/d(last hidden state).
         let last = inputs.pop().unwrap().set_requires_grad(true);
         let hidden = self.norm.forward(&last);
-        let (loss, grad) = head(&hidden, &mut phases, &mut clock);
+        let (loss, grad) = head(&hidden);
+        phases.head_s = clock.lap();
         (hidden * grad).sum(Kind::Float).backward();
         let mut grad = last.grad();
         // Backward through the layers, last first, recomputing each.

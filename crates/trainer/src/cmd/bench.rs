@@ -141,7 +141,7 @@ pub fn run(a: Args) -> Result<()> {
     tch::set_num_threads(threads);
     tch::manual_seed(0);
     let (device, kind) = a.compute.resolve()?;
-    let (vs, model, name) = match (&a.model, &a.preset) {
+    let (mut vs, model, name) = match (&a.model, &a.preset) {
         (Some(dir), _) => {
             let lm = load_model(dir, Kind::Float, device)?;
             (lm.vs, lm.model, dir.display().to_string())
@@ -159,7 +159,6 @@ pub fn run(a: Args) -> Result<()> {
     params.sort_by(|x, y| x.0.cmp(&y.0));
     let optim_cfg = AdamWConfig { fused: !a.reference_adamw, ..Default::default() };
     let mut opt = AdamW::new(optim_cfg, params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), kind);
-    let mut vs = vs;
     vs.set_kind(kind);
     let mem = MemoryOptions {
         checkpoint_layers: a.checkpoint_layers,
