@@ -26,7 +26,8 @@ pub fn read_toml<T: DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
 pub struct ModelSection {
     /// Hugging Face model folder (config.json, safetensors, tokenizer.json).
     pub path: std::path::PathBuf,
-    /// Compute dtype: f32, bf16 or f16 (a run's masters and optimizer state stay float32).
+    /// Compute dtype: auto (bf16 on CUDA, f32 on CPU), f32, bf16 or f16 (a run's masters,
+    /// gradients and optimizer state stay float32).
     #[serde(default = "default_dtype")]
     pub dtype: String,
     /// auto, cpu, cuda or cuda:N.
@@ -38,7 +39,7 @@ pub struct ModelSection {
 }
 
 fn default_dtype() -> String {
-    "f32".into()
+    "auto".into()
 }
 
 fn default_device() -> String {

@@ -12,7 +12,7 @@
 //!   for the whole batch), elsewhere each document on its own through SDPA (`is_causal`, plus a
 //!   sliding-window mask only where a document is longer than the window).
 
-use longmix_torch_ext::attention::{causal_sdpa, varlen_attention};
+use longmix_torch_ext::attention::{causal_sdpa, varlen_attention, CuSeqlens};
 use tch::{Device, Tensor};
 
 /// A document inside a row: `[start, start + len)`.
@@ -22,12 +22,12 @@ pub struct Span {
     pub len: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
     /// Every row is one document.
     Causal { sliding_window: Option<i64> },
-    /// Per row, its documents in order (they tile the row).
-    Documents { rows: Vec<Vec<Span>>, sliding_window: Option<i64> },
+    /// The batch's documents packed back to back (row `r`'s document at `s` starts at `r * T + s`),
+    /// their boundaries built once for every layer.
+    Documents { cu: CuSeqlens, sliding_window: Option<i64> },
 }
 
 /// Split each row of `position_ids` (`[B, T]`) into documents at the zeros.
@@ -54,23 +54,23 @@ impl Plan {
     pub fn new(position_ids: &Tensor, sliding_window: Option<i64>) -> Plan {
         let rows = document_spans(position_ids);
         if rows.iter().all(|r| r.len() == 1) {
-            Plan::Causal { sliding_window }
-        } else {
-            Plan::Documents { rows, sliding_window }
+            return Plan::Causal { sliding_window };
         }
+        let t = position_ids.size()[1];
+        let mut cu: Vec<i64> =
+            rows.iter().enumerate().flat_map(|(r, spans)| spans.iter().map(move |s| r as i64 * t + s.start)).collect();
+        cu.push(rows.len() as i64 * t);
+        Plan::Documents { cu: CuSeqlens::new(cu, position_ids.device()), sliding_window }
     }
 
     /// Attention output `[B, H, T, D]` for `q` `[B, H, T, D]` and `k`, `v` `[B, H_kv, T, D]`.
     pub fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
         match self {
             Plan::Causal { sliding_window } => causal_sdpa(q, k, v, *sliding_window),
-            Plan::Documents { rows, sliding_window } => {
+            Plan::Documents { cu, sliding_window } => {
                 let (b, h, t, d) = (q.size()[0], q.size()[1], q.size()[2], q.size()[3]);
                 let pack = |x: &Tensor| x.transpose(1, 2).reshape([b * t, x.size()[1], d]);
-                let mut cu: Vec<i64> =
-                    (0..b).flat_map(|r| rows[r as usize].iter().map(move |s| r * t + s.start)).collect();
-                cu.push(b * t);
-                varlen_attention(&pack(q), &pack(k), &pack(v), &cu, *sliding_window).view([b, t, h, d]).transpose(1, 2)
+                varlen_attention(&pack(q), &pack(k), &pack(v), cu, *sliding_window).view([b, t, h, d]).transpose(1, 2)
             }
         }
     }

@@ -4,7 +4,8 @@
 //!   `{"format": "pt"}`) plus `model.safetensors.index.json`; a tied LM head is not written.
 //! * `config.json`: the source config with the RoPE section rewritten for the extended window
 //!   (`max_position_embeddings = L`, `original_max_position_embeddings = L0`, a `longrope`
-//!   `rope_scaling` and the same dict as transformers-5 `rope_parameters`); every other key kept.
+//!   `rope_scaling` and the same dict as transformers-5 `rope_parameters`, `sliding_window` as
+//!   the extension leaves it, `null` when dropped); every other key kept.
 //! * Tokenizer and generation files copied from the source folder.
 //!
 //! Everything is written to `<out>.partial` and renamed into place at the end.
@@ -81,6 +82,9 @@ pub fn exported_config(config: &ModelConfig, dtype_name: &str, rope: Option<&Ext
         c.insert("rope_scaling".into(), rope);
         c.insert("rope_parameters".into(), params);
         c.insert("rope_theta".into(), json!(config.rope.theta));
+        if c.contains_key("sliding_window") {
+            c.insert("sliding_window".into(), json!(r.sliding_window(config.sliding_window)));
+        }
     }
     Ok(c)
 }

@@ -278,6 +278,10 @@ pub struct Extension {
     pub attention_factor: f64,
     /// Whether the exported config states the factor (false: transformers derives the same value).
     pub explicit_attention_factor: bool,
+    /// Keep a sliding window shorter than L (for a model really trained with sliding-window
+    /// attention); by default the extension drops it, see [`Extension::sliding_window`].
+    #[serde(default)]
+    pub keep_sliding_window: bool,
 }
 
 /// `(L, L0)` of an extension of a model whose RoPE is `rope`, checked `L > L0`.
@@ -350,6 +354,7 @@ impl Extension {
             long_factor,
             attention_factor,
             explicit_attention_factor,
+            keep_sliding_window: false,
         };
         ext.check(rope)?;
         Ok(ext)
@@ -397,10 +402,35 @@ impl Extension {
         }
     }
 
-    /// Put this extension into a model's config (`max_position_embeddings` becomes L).
+    /// The sliding window of the extended model whose own window is `own`. A window shorter
+    /// than L is dropped unless [`Extension::keep_sliding_window`]: a 4k model's window (Phi-3-mini's
+    /// 2047) would otherwise keep the extended model from looking past it, in training and in
+    /// every runtime that loads the export (Microsoft's 128k Phi-3-mini ships 262144, wider than
+    /// its window). A window of at least L never bites and is kept as it is.
+    pub fn sliding_window(&self, own: Option<i64>) -> Option<i64> {
+        own.filter(|&w| w >= self.target_length || self.keep_sliding_window)
+    }
+
+    /// What [`Extension::sliding_window`] does to `own`, for logs and the dry-run plan (None
+    /// when the model has no window).
+    pub fn sliding_window_note(&self, own: Option<i64>) -> Option<String> {
+        let w = own?;
+        let l = self.target_length;
+        Some(match self.sliding_window(own) {
+            None => format!(
+                "the model's sliding window {w} < L = {l} is dropped (rope.keep_sliding_window = true keeps it)"
+            ),
+            Some(_) if w < l => format!("the model's sliding window {w} < L = {l} is kept (rope.keep_sliding_window)"),
+            Some(_) => format!("the model's sliding window {w} >= L = {l} is kept (it never bites)"),
+        })
+    }
+
+    /// Put this extension into a model's config (`max_position_embeddings` becomes L, the
+    /// sliding window as [`Extension::sliding_window`] says).
     pub fn apply(&self, config: &mut ModelConfig) {
         config.rope = self.rope(&config.rope);
         config.max_position_embeddings = self.target_length;
+        config.sliding_window = self.sliding_window(config.sliding_window);
     }
 
     /// This extension with other long factors (a search candidate).

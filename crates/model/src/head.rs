@@ -64,9 +64,15 @@ impl CausalLm {
         let w = self.lm_head_weight();
         let targets = flat_targets.index_select(0, &keep);
         let chunk = chunk.unwrap_or(HEAD_CHUNK).clamp(1, tokens);
+        // A bf16/f16 head weight's gradient is summed over the chunks in float32 (each chunk's
+        // backward goes into a detached copy) and handed to autograd once, so the chunks'
+        // contributions are not rounded into a low-precision sum one after another.
+        let w_sum = (backward.is_some() && chunk < tokens && w.kind() != Kind::Float)
+            .then(|| (w.detach().set_requires_grad(true), Tensor::zeros_like(w).to_kind(Kind::Float)));
+        let w_piece = w_sum.as_ref().map_or(w, |(leaf, _)| leaf);
         // Per-token NLL of one piece of scored hidden states (float32 logits).
         let piece_nll = |h: &Tensor, t: &Tensor| {
-            h.matmul(&w.tr()).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
+            h.matmul(&w_piece.tr()).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
                 t,
                 None,
                 Reduction::None,
@@ -94,6 +100,11 @@ impl CausalLm {
                 let step = |h: &Tensor, t: Tensor| {
                     let nll = piece_nll(h, &t);
                     (nll.sum(Kind::Float) * scale).backward();
+                    if let Some((leaf, sum)) = &w_sum {
+                        let mut g = leaf.grad();
+                        let _ = sum.shallow_clone().g_add_(&g);
+                        let _ = g.zero_();
+                    }
                     nll.detach()
                 };
                 if chunk == tokens {
@@ -101,7 +112,12 @@ impl CausalLm {
                 } else {
                     let leaf = scored.detach().set_requires_grad(true);
                     let nll = pieces(&leaf, &mut |h, t| step(h, t));
-                    (scored * leaf.grad()).sum(Kind::Float).backward();
+                    let mut through_hidden = (scored * leaf.grad()).sum(Kind::Float);
+                    if let Some((_, sum)) = &w_sum {
+                        // d/dw (w . sum) = sum: the float32 total reaches the weight's gradient.
+                        through_hidden += (w * sum.to_kind(w.kind())).sum(Kind::Float);
+                    }
+                    through_hidden.backward();
                     nll
                 }
             }

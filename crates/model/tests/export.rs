@@ -21,6 +21,7 @@ fn sharded_export_round_trips_with_longrope_config() {
         long_factor: vec![1.0, 1.5, 2.5, 4.0, 6.0, 9.0],
         attention_factor: longrope_attention_factor(8.0, 32),
         explicit_attention_factor: false,
+        keep_sliding_window: false,
     };
     let opts = ExportOptions { dtype: Kind::Float, max_shard_bytes: 100_000, rope: Some(rope.clone()) };
     export_hf(&src.vs, &src.model.config, Some(&fixture("phi3_longrope_partial")), &out, &opts).unwrap();
@@ -79,4 +80,56 @@ fn tied_head_is_not_written_and_bf16_export_loads() {
     let back = load_model(&out, Kind::Float, Device::Cpu).unwrap();
     let w0 = src.vs.variables()["model.embed_tokens.weight"].to_kind(Kind::BFloat16).to_kind(Kind::Float);
     assert!(back.vs.variables()["model.embed_tokens.weight"].equal(&w0));
+}
+
+/// Phi-3 with an 8-token sliding window, extended 32 -> 256: the extended model attends over
+/// the whole row (its logits past the window equal the windowless model's, not the windowed
+/// one's) and the export says `"sliding_window": null`; `keep_sliding_window` keeps it, and a
+/// window of at least L is kept as it is.
+#[test]
+fn an_extension_drops_a_sliding_window_shorter_than_l() {
+    let mut lm = load_model(&fixture("phi3_sliding_window"), Kind::Float, Device::Cpu).unwrap();
+    let own = lm.model.config.clone();
+    assert_eq!(own.sliding_window, Some(8));
+    let ext = Extension {
+        target_length: 256,
+        original_length: 32,
+        short_factor: vec![1.0; 8],
+        long_factor: vec![1.0; 8],
+        attention_factor: 1.0,
+        explicit_attention_factor: true,
+        keep_sliding_window: false,
+    };
+    ext.apply(&mut lm.model.config);
+    assert_eq!(lm.model.config.sliding_window, None);
+    assert!(ext.sliding_window_note(Some(8)).unwrap().contains("dropped"));
+    let keep = Extension { keep_sliding_window: true, ..ext.clone() };
+    assert_eq!(keep.sliding_window(Some(8)), Some(8));
+    assert_eq!(ext.sliding_window(Some(256)), Some(256), "a window >= L never bites and stays");
+
+    // Factors of 1.0 and attention factor 1.0: only the window can make a difference.
+    let ids = Tensor::randint(256, [1, 24], (Kind::Int64, Device::Cpu));
+    let pos = Tensor::arange(24, (Kind::Int64, Device::Cpu)).unsqueeze(0);
+    let logits = |config: &longmix_model::ModelConfig| {
+        let mut m = load_model(&fixture("phi3_sliding_window"), Kind::Float, Device::Cpu).unwrap();
+        m.model.config = config.clone();
+        tch::no_grad(|| m.model.forward(&ids, &pos))
+    };
+    let extended = logits(&lm.model.config);
+    let windowless = logits(&longmix_model::ModelConfig { sliding_window: None, ..own.clone() });
+    let windowed = logits(&own);
+    let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+    assert!(diff(&extended, &windowless) < 1e-5, "the extended model still uses a window");
+    assert!(diff(&extended, &windowed) > 1e-3, "past 8 tokens the window must change the logits");
+
+    let out_root = tempfile::tempdir().unwrap();
+    for (e, want) in [(&ext, serde_json::Value::Null), (&keep, serde_json::json!(8))] {
+        let out = out_root.path().join(format!("keep-{}", e.keep_sliding_window));
+        let opts = ExportOptions { dtype: Kind::Float, max_shard_bytes: 1 << 30, rope: Some(e.clone()) };
+        export_hf(&lm.vs, &own, Some(&fixture("phi3_sliding_window")), &out, &opts).unwrap();
+        let c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(c["sliding_window"], want, "keep = {}", e.keep_sliding_window);
+        assert_eq!(c["max_position_embeddings"], 256);
+    }
 }

@@ -34,3 +34,13 @@ char* lm_fused_adamw(at::Tensor* const* params, at::Tensor* const* grads, at::Te
 }
 
 }  // extern "C"
+
+extern "C" {
+
+// Drop a tensor's `.grad` (Python's `p.grad = None`): its memory goes back to the allocator,
+// and the next backward allocates a fresh one.
+char* lm_grad_reset(at::Tensor* t) {
+  return lm::guard([&] { t->mutable_grad().reset(); });
+}
+
+}  // extern "C"

@@ -9,6 +9,7 @@
 //! its own, which is exact.
 
 use std::ffi::{c_char, c_int, c_void, CString};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use anyhow::Result;
@@ -89,21 +90,50 @@ pub fn flash_varlen(
     Ok(unsafe { Tensor::from_ptr(out as *mut _) })
 }
 
-/// Causal attention over packed documents: q `[total, H, D]`, k and v `[total, H_kv, D]`, document
-/// `i` at rows `cu_seqlens[i]..cu_seqlens[i + 1]` (starting at 0, ending at `total`). A
-/// sliding window `w` (Hugging Face's meaning: key `j` visible to query `i` when
-/// `i - w < j <= i`) applies where a document is longer than it. Output `[total, H, D]`.
-pub fn varlen_attention(q: &Tensor, k: &Tensor, v: &Tensor, cu_seqlens: &[i64], sliding_window: Option<i64>) -> Tensor {
-    let max_len = cu_seqlens.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-    let flash = matches!(q.device(), Device::Cuda(_))
-        && matches!(q.kind(), Kind::BFloat16 | Kind::Half)
-        && flash_varlen_available();
-    if flash {
-        let cu = Tensor::from_slice(cu_seqlens).to_kind(Kind::Int).to_device(q.device());
-        let left = sliding_window.filter(|&w| w < max_len).map(|w| w - 1);
-        return flash_varlen(q, k, v, &cu, max_len, true, left).expect("flash attention over packed rows");
+/// The document boundaries of a packed batch: document `i` at rows `host[i]..host[i + 1]`
+/// (starting at 0, ending at the total). On a CUDA device with the flash kernel they are also
+/// copied to the device, once: a model builds one per forward and every layer (and every
+/// recomputation) reads it, instead of each paying a host-to-device copy that waits for the GPU.
+pub struct CuSeqlens {
+    pub host: Vec<i64>,
+    device: Option<Tensor>,
+}
+
+/// Host-to-device copies of `cu_seqlens` made so far by this process (see [`CuSeqlens::new`]).
+static UPLOADS: AtomicUsize = AtomicUsize::new(0);
+
+impl CuSeqlens {
+    pub fn new(host: Vec<i64>, device: Device) -> CuSeqlens {
+        let device = (device.is_cuda() && flash_varlen_available()).then(|| {
+            UPLOADS.fetch_add(1, Ordering::Relaxed);
+            Tensor::from_slice(&host).to_kind(Kind::Int).to_device(device)
+        });
+        CuSeqlens { host, device }
     }
-    per_document(q, k, v, cu_seqlens, sliding_window)
+
+    /// The longest document.
+    pub fn max_len(&self) -> i64 {
+        self.host.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0)
+    }
+
+    /// How many host-to-device copies of document boundaries this process has made.
+    pub fn uploads() -> usize {
+        UPLOADS.load(Ordering::Relaxed)
+    }
+}
+
+/// Causal attention over packed documents: q `[total, H, D]`, k and v `[total, H_kv, D]`, the
+/// documents at `cu`. A sliding window `w` (Hugging Face's meaning: key `j` visible to query `i`
+/// when `i - w < j <= i`) applies where a document is longer than it. Output `[total, H, D]`.
+pub fn varlen_attention(q: &Tensor, k: &Tensor, v: &Tensor, cu: &CuSeqlens, sliding_window: Option<i64>) -> Tensor {
+    let flash =
+        matches!(q.kind(), Kind::BFloat16 | Kind::Half) && cu.device.as_ref().is_some_and(|d| d.device() == q.device());
+    if let (true, Some(cu_device)) = (flash, &cu.device) {
+        let max_len = cu.max_len();
+        let left = sliding_window.filter(|&w| w < max_len).map(|w| w - 1);
+        return flash_varlen(q, k, v, cu_device, max_len, true, left).expect("flash attention over packed rows");
+    }
+    per_document(q, k, v, &cu.host, sliding_window)
 }
 
 /// [`varlen_attention`] one document at a time through SDPA: exact on every device and dtype.

@@ -23,6 +23,14 @@ extern "C" {
         eps: f64,
         grad_scale: *const c_void,
     ) -> *mut c_char;
+    fn lm_grad_reset(t: *mut c_void) -> *mut c_char;
+}
+
+/// Drop `t`'s gradient (Python's `p.grad = None`), freeing its memory; the next backward starts
+/// a new one.
+pub fn reset_grad(t: &Tensor) {
+    // SAFETY: a live tch tensor, read and modified by csrc/optim.cpp for the call only.
+    check(unsafe { lm_grad_reset(t.as_ptr() as *mut c_void) }).expect("resetting a gradient cannot fail");
 }
 
 /// The hyper-parameters of one update.

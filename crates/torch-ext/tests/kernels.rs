@@ -1,6 +1,6 @@
 //! The kernels of `attention`, `optim` and `cuda` on CPU, against independent formulas.
 
-use longmix_torch_ext::attention::{op_has_kernel, varlen_attention};
+use longmix_torch_ext::attention::{op_has_kernel, varlen_attention, CuSeqlens};
 use longmix_torch_ext::optim::{fused_adamw, fused_adamw_available, AdamWStep};
 use tch::{Device, Kind, Tensor};
 
@@ -44,7 +44,7 @@ fn varlen_attention_equals_per_document_attention_written_out() {
         let q = Tensor::randn([32, heads, 8], opts);
         let k = Tensor::randn([32, kv_heads, 8], opts);
         let v = Tensor::randn([32, kv_heads, 8], opts);
-        let got = varlen_attention(&q, &k, &v, &cu, window);
+        let got = varlen_attention(&q, &k, &v, &CuSeqlens::new(cu.to_vec(), Device::Cpu), window);
         let want = reference_attention(&q, &k, &v, &cu, window);
         let diff = (&got - &want).abs().max().double_value(&[]);
         assert!(diff < 1e-10, "heads {heads}/{kv_heads}, window {window:?}: max |diff| {diff}");

@@ -60,6 +60,11 @@ pub struct RopeSection {
     /// short and long rows alike, as transformers applies the exported one.
     #[serde(default)]
     pub attention_factor: AttentionFactor,
+    /// Keep the model's sliding window when it is shorter than L (only for a model really
+    /// trained with sliding-window attention). By default the extension drops it, in training
+    /// and in the export, so the extended model sees its whole window.
+    #[serde(default)]
+    pub keep_sliding_window: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -113,8 +118,9 @@ pub struct TrainSection {
     /// Recompute each layer in the backward pass (less memory, about a third more compute).
     #[serde(default)]
     pub checkpoint_layers: bool,
-    /// LM head + loss this many tokens at a time (0 = all at once).
-    #[serde(default)]
+    /// LM head + loss this many scored tokens at a time (0 = all at once: the whole
+    /// `[tokens, vocab]` logits, 59 GB in float32 at 32k tokens and a 128k vocabulary).
+    #[serde(default = "default_loss_chunk")]
     pub loss_chunk: i64,
     /// Earlier spelling of `model.threads` (still read).
     #[serde(default)]
@@ -254,6 +260,10 @@ fn default_cache_dir() -> PathBuf {
 fn default_prefetch() -> usize {
     4
 }
+fn default_loss_chunk() -> i64 {
+    longmix_model::HEAD_CHUNK
+}
+
 fn default_one() -> usize {
     1
 }
@@ -412,6 +422,12 @@ dir = "runs/x"
         assert_eq!(c.rope.attention_factor, AttentionFactor::Longrope);
         assert_eq!(c.total_steps(1), 10);
         assert_eq!(c.metrics_path(), PathBuf::from("runs/x/metrics.jsonl"));
+        // The LM head runs in chunks unless asked otherwise; the dtype follows the device.
+        assert_eq!(c.train.loss_chunk, 2048);
+        assert_eq!(c.model.dtype, "auto");
+        assert!(!c.rope.keep_sliding_window);
+        let whole = TrainConfig::parse(&MINIMAL.replace("seq_len = 16384", "seq_len = 16384\nloss_chunk = 0")).unwrap();
+        assert_eq!(whole.train.loss_chunk, 0);
     }
 
     #[test]

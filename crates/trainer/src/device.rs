@@ -9,14 +9,15 @@ pub struct ComputeArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
+    /// auto (bf16 on CUDA, f32 on CPU), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
 }
 
 impl ComputeArgs {
     pub fn resolve(&self) -> Result<(Device, Kind)> {
-        Ok((parse_device(&self.device)?, parse_dtype(&self.dtype)?))
+        let device = parse_device(&self.device)?;
+        Ok((device, compute_dtype(&self.dtype, device)?))
     }
 }
 
@@ -41,7 +42,8 @@ fn require_cuda(n: usize) -> Result<Device> {
     Ok(Device::Cuda(n))
 }
 
-/// `f32`, `bf16` or `f16`.
+/// `f32`, `bf16` or `f16` (an export's or a fixed choice; a compute dtype may also be `auto`,
+/// see [`compute_dtype`]).
 pub fn parse_dtype(s: &str) -> Result<Kind> {
     Ok(match s {
         "f32" | "float32" => Kind::Float,
@@ -49,6 +51,42 @@ pub fn parse_dtype(s: &str) -> Result<Kind> {
         "f16" | "float16" => Kind::Half,
         _ => bail!("unknown dtype {s:?}: use f32, bf16 or f16"),
     })
+}
+
+/// The compute dtype `s` names on `device`: `auto` is bf16 on CUDA (where float32 attention
+/// falls to PyTorch's O(T^2) math kernel: flash takes only bf16/f16, and the memory-efficient
+/// kernel refuses grouped KV heads) and f32 elsewhere; otherwise [`parse_dtype`].
+pub fn compute_dtype(s: &str, device: Device) -> Result<Kind> {
+    match s {
+        "auto" if device.is_cuda() => Ok(Kind::BFloat16),
+        "auto" => Ok(Kind::Float),
+        _ => parse_dtype(s).map_err(|_| anyhow::anyhow!("unknown dtype {s:?}: use auto, f32, bf16 or f16")),
+    }
+}
+
+/// Longest rows float32 may train on CUDA: its attention runs on the math kernel, whose dense
+/// `[rows, heads, T, T]` scores outgrow a GPU a few thousand tokens on.
+pub const F32_CUDA_MAX_SEQ_LEN: usize = 4096;
+
+/// Refuse what training cannot do well in `kind` on `device` for rows of `seq_len` tokens, with
+/// the fix: f16 (no loss scaling here, so small gradients underflow) and long float32 rows on
+/// CUDA (dense attention scores).
+pub fn check_training_dtype(kind: Kind, device: Device, seq_len: usize) -> Result<()> {
+    if kind == Kind::Half {
+        bail!(
+            "key `model.dtype`: f16 training needs loss scaling, which longmix does not do (small gradients would \
+             underflow to zero); use bf16 (or auto: bf16 on CUDA)"
+        );
+    }
+    if kind == Kind::Float && device.is_cuda() && seq_len > F32_CUDA_MAX_SEQ_LEN {
+        let gb = (seq_len as f64).powi(2) * 4.0 / 1e9;
+        bail!(
+            "key `model.dtype`: f32 on CUDA with train.seq_len = {seq_len}: float32 attention runs on PyTorch's math \
+             kernel (flash takes bf16/f16 only), which holds dense scores of {gb:.1} GB per head and row; use \
+             dtype = \"bf16\" (what auto picks on CUDA) or seq_len <= {F32_CUDA_MAX_SEQ_LEN}"
+        );
+    }
+    Ok(())
 }
 
 /// LibTorch intra-op threads: `explicit` (a config key or flag) if given, else
@@ -100,5 +138,25 @@ pub fn gpu_name(ordinal: i32) -> Option<String> {
             return None;
         }
         Some(std::ffi::CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_dtype_follows_the_device_and_bad_training_dtypes_are_refused() {
+        assert_eq!(compute_dtype("auto", Device::Cuda(0)).unwrap(), Kind::BFloat16);
+        assert_eq!(compute_dtype("auto", Device::Cpu).unwrap(), Kind::Float);
+        assert_eq!(compute_dtype("f32", Device::Cuda(0)).unwrap(), Kind::Float);
+        assert!(compute_dtype("fp8", Device::Cpu).unwrap_err().to_string().contains("use auto, f32"));
+        check_training_dtype(Kind::Float, Device::Cuda(0), 4096).unwrap();
+        check_training_dtype(Kind::Float, Device::Cpu, 131072).unwrap();
+        check_training_dtype(Kind::BFloat16, Device::Cuda(0), 131072).unwrap();
+        let e = check_training_dtype(Kind::Float, Device::Cuda(0), 8192).unwrap_err().to_string();
+        assert!(e.contains("seq_len = 8192") && e.contains("math") && e.contains("bf16"), "{e}");
+        let e = check_training_dtype(Kind::Half, Device::Cpu, 128).unwrap_err().to_string();
+        assert!(e.contains("loss scaling") && e.contains("use bf16"), "{e}");
     }
 }

@@ -8,8 +8,8 @@
 //!   not answer.
 //! * [`assign_rows`]: every rank plans the same global batch and keeps its share; with
 //!   balancing, shares are even in estimated compute ([`row_cost`]), not in row count.
-//! * [`GradSync`]: gradients all-reduced in float32 buckets, launched layer by layer while the
-//!   backward runs on (see `CausalLm::forward_backward_with`).
+//! * [`GradSync`]: the float32 gradients ([`Grads`]) all-reduced in buckets, launched layer by
+//!   layer while the backward runs on (see `CausalLm::forward_backward_with`).
 //! * [`owners`]: ZeRO-1's assignment of whole parameters to ranks (as torch's
 //!   `ZeroRedundancyOptimizer` does): a rank keeps AdamW state for its parameters only and
 //!   broadcasts them after its update ([`broadcast_owned`]).
@@ -24,6 +24,7 @@ use longmix_torch_ext::c10d::{Backend, ProcessGroup, ReduceOp, Rendezvous, Work}
 use tch::{Device, Kind, Tensor};
 
 use crate::config::DistributedSection;
+use crate::grads::Grads;
 
 /// How this process was started as one rank of many.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,7 +271,7 @@ pub fn assign_rows(costs: &[f64], world: usize, balance: bool) -> Vec<Vec<usize>
 
 /// Decoder layer of an HF parameter name (`model.layers.7.mlp...` -> 7); None for the
 /// embedding, final norm and LM head.
-fn layer_of(name: &str) -> Option<usize> {
+pub fn layer_of(name: &str) -> Option<usize> {
     name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
 }
 
@@ -278,7 +279,6 @@ fn layer_of(name: &str) -> Option<usize> {
 /// embedding, final norm and LM head last. Plain data parallelism all-reduces each bucket;
 /// ZeRO-1 reduces it to the rank owning its parameters (a bucket never spans two owners).
 pub struct GradSync {
-    params: Vec<Tensor>,
     /// Parameter indices per bucket.
     buckets: Vec<Vec<usize>>,
     /// ZeRO-1: the rank each bucket is reduced to.
@@ -337,30 +337,27 @@ impl GradSync {
             };
             bytes += size;
         }
-        GradSync {
-            params: params.iter().map(|(_, t)| t.shallow_clone()).collect(),
-            buckets,
-            bucket_owner: owner.map(|_| bucket_owner),
-            ready_at,
-        }
+        GradSync { buckets, bucket_owner: owner.map(|_| bucket_owner), ready_at }
     }
 
     pub fn n_buckets(&self) -> usize {
         self.buckets.len()
     }
 
-    /// Start a step's reduction; feed it [`InFlight::layer_done`] and finish it.
-    pub fn begin<'a>(&'a self, pg: &'a ProcessGroup) -> InFlight<'a> {
-        InFlight { sync: self, pg, works: Default::default(), launched: 0, error: None, launch_s: 0.0 }
+    /// Start a step's reduction of `grads` (the parameters' order given to [`GradSync::new`]);
+    /// feed it [`InFlight::layer_done`] and finish it.
+    pub fn begin<'a>(&'a self, pg: &'a ProcessGroup, grads: &'a Grads) -> InFlight<'a> {
+        InFlight { sync: self, pg, grads, works: Default::default(), launched: 0, error: None, launch_s: 0.0 }
     }
 }
 
-/// One step's gradient reduction in flight. A bucket's float32 buffer lives only while its
+/// One step's gradient reduction in flight. A bucket's flat buffer lives only while its
 /// all-reduce runs: finished buckets are written back (and their buffers freed) as later layers
-/// complete, so the buffers never add up to a full float32 copy of the gradients.
+/// complete, so the buffers never add up to a full copy of the gradients.
 pub struct InFlight<'a> {
     sync: &'a GradSync,
     pg: &'a ProcessGroup,
+    grads: &'a Grads,
     /// (bucket, its all-reduce, its buffer), oldest first.
     works: std::collections::VecDeque<(usize, Work, Tensor)>,
     launched: usize,
@@ -373,10 +370,8 @@ impl InFlight<'_> {
         let b = self.launched;
         self.launched += 1;
         let t0 = Instant::now();
-        let flat: Vec<Tensor> = self.sync.buckets[b]
-            .iter()
-            .map(|&i| self.sync.params[i].grad().detach().to_kind(Kind::Float).reshape([-1]))
-            .collect();
+        let flat: Vec<Tensor> =
+            self.sync.buckets[b].iter().map(|&i| self.grads.get(i).detach().reshape([-1])).collect();
         let buf = Tensor::cat(&flat, 0);
         let work = match &self.sync.bucket_owner {
             Some(owner) => self.pg.reduce_async(&buf, owner[b]),
@@ -391,8 +386,8 @@ impl InFlight<'_> {
         self.launch_s += t0.elapsed().as_secs_f64();
     }
 
-    /// Wait for the oldest bucket and copy its sum into the gradients (ZeRO-1: on its owner;
-    /// the other ranks' gradients of those parameters stay partial and are not used).
+    /// Wait for the oldest bucket and copy its sum into the float32 gradients (ZeRO-1: on its
+    /// owner; the other ranks' gradients of those parameters stay partial and are not used).
     fn complete_oldest(&mut self) -> Result<()> {
         let (b, work, buf) = self.works.pop_front().expect("a bucket in flight");
         work.wait()?;
@@ -402,7 +397,7 @@ impl InFlight<'_> {
         let mut off = 0;
         tch::no_grad(|| {
             for &i in &self.sync.buckets[b] {
-                let mut g = self.sync.params[i].grad();
+                let mut g = self.grads.get(i);
                 let n = g.numel() as i64;
                 g.copy_(&buf.narrow(0, off, n).view_as(&g));
                 off += n;

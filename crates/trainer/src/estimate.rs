@@ -22,8 +22,6 @@ use longmix_model::{MemoryOptions, ModelConfig};
 use serde_json::json;
 use tch::{Device, Kind};
 
-use crate::optim::FUSED_GROUP_BYTES;
-
 /// Resident LibTorch and process before the model exists (CPU: `longmix env`'s peak RSS).
 pub const CPU_RUNTIME_BYTES: f64 = 0.48e9;
 /// Freed working memory the C allocator still holds at the peak, as a share of the step's
@@ -48,7 +46,8 @@ pub struct OptimizerMemory {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MemoryEstimate {
-    /// Weights and gradients in the compute dtype, AdamW moments (and float32 masters).
+    /// Weights in the compute dtype, float32 gradients (plus autograd's own bf16/f16 ones
+    /// until they are folded in), AdamW moments (and float32 masters).
     pub state: f64,
     /// Activations kept for the backward (every layer's, or each layer's input).
     pub saved: f64,
@@ -94,20 +93,22 @@ impl MemoryEstimate {
         let head = 4.0 * chunk * c.vocab_size as f64 * 4.0 + t * h * 4.0;
         let largest = (c.vocab_size * c.hidden_size).max(c.hidden_size * c.intermediate_size) as f64;
         // The gradient norm squares one parameter at a time; the tensor-op AdamW makes about four
-        // float32 temporaries of a parameter; the fused kernel none, but float32 copies of a
-        // group's bf16/f16 gradients.
-        let optimizer = largest * 4.0
-            + match (opt.fused, kind) {
-                (false, _) => 4.0 * largest * 4.0,
-                (true, Kind::Float) => 0.0,
-                (true, _) => FUSED_GROUP_BYTES as f64 + largest * 4.0,
-            };
+        // float32 temporaries of a parameter, the fused kernel none.
+        let optimizer = largest * 4.0 + if opt.fused { 0.0 } else { 4.0 * largest * 4.0 };
         let unattributed = if mem.checkpoint_layers { CPU_CHECKPOINT_UNATTRIBUTED * t * h * layers * 4.0 } else { 0.0 };
         let runtime = match device {
             Device::Cpu => CPU_RUNTIME_BYTES + CPU_RETENTION * (layer + head + optimizer) + unattributed,
             _ => 0.0,
         };
-        let state = n * 2.0 * b + n * opt.share * opt.bytes_per_element as f64;
+        // Gradients accumulate in float32 (`crate::grads`). In bf16/f16, autograd's own gradients
+        // live until folded in: each layer's after its backward (all layers at once without
+        // checkpointing), the embedding's and LM head's until the micro-batch ends.
+        let unfolded = match (kind, mem.checkpoint_layers) {
+            (Kind::Float, _) => 0.0,
+            (_, true) => 2.0 * largest * b,
+            (_, false) => n * b,
+        };
+        let state = n * b + n * 4.0 + unfolded + n * opt.share * opt.bytes_per_element as f64;
         MemoryEstimate { state, saved, layer, head, optimizer, runtime }
     }
 

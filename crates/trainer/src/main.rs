@@ -6,6 +6,7 @@ mod config;
 mod device;
 mod distributed;
 mod estimate;
+mod grads;
 mod metrics;
 mod optim;
 mod schedule;

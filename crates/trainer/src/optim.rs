@@ -5,7 +5,8 @@
 //! `p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)`.
 //!
 //! When the model computes in bf16/f16, its parameters are copies of the float32 masters held
-//! here: gradients are upcast, the masters updated, then cast back into the model.
+//! here: the float32 gradients ([`crate::grads::Grads`]) update the masters, which are then cast
+//! back into the model.
 //!
 //! With `fused` (the default) the update is PyTorch's fused kernel (`_fused_adamw_`, one pass
 //! per tensor, the global clip factor folded in as its gradient scale) wherever this LibTorch
@@ -63,12 +64,11 @@ impl Default for AdamWConfig {
     }
 }
 
-/// Global L2 norm of the gradients of `params` (float32, in the given order, so ranks holding
-/// the same gradients get the same bits), computed before any clipping.
-pub fn grad_norm<'a>(params: impl IntoIterator<Item = &'a Tensor>) -> f64 {
-    let sq: Vec<Tensor> = params
+/// Global L2 norm of `grads` (float32, in the given order, so ranks holding the same gradients
+/// get the same bits), computed before any clipping; undefined gradients count as zero.
+pub fn grad_norm<'a>(grads: impl IntoIterator<Item = &'a Tensor>) -> f64 {
+    let sq: Vec<Tensor> = grads
         .into_iter()
-        .map(|p| p.grad())
         .filter(|g| g.defined())
         .map(|g| g.to_kind(Kind::Float).pow_tensor_scalar(2).sum(Kind::Float))
         .collect();
@@ -76,16 +76,6 @@ pub fn grad_norm<'a>(params: impl IntoIterator<Item = &'a Tensor>) -> f64 {
         return 0.0;
     }
     Tensor::stack(&sq, 0).sum(Kind::Float).sqrt().double_value(&[])
-}
-
-/// Clear the gradients of `params`.
-pub fn zero_grad<'a>(params: impl IntoIterator<Item = &'a Tensor>) {
-    for p in params {
-        let mut g = p.grad();
-        if g.defined() {
-            let _ = g.detach_().zero_();
-        }
-    }
 }
 
 struct Slot {
@@ -96,14 +86,13 @@ struct Slot {
     decay: bool,
 }
 
-/// Parameter bytes (float32) per fused AdamW call.
-pub const FUSED_GROUP_BYTES: usize = 256 << 20;
-
-/// One fused AdamW call over `slots` (masters where the model computes in bf16/f16, whose
-/// gradients are upcast for the call and whose model copies are refreshed after it).
-fn fused_group(slots: &[&Slot], step: &Tensor, h: AdamWStep, scale: Option<&Tensor>) {
-    let params: Vec<Tensor> = slots.iter().map(|s| s.master.as_ref().unwrap_or(&s.param).shallow_clone()).collect();
-    let grads: Vec<Tensor> = slots.iter().map(|s| s.param.grad().to_kind(Kind::Float)).collect();
+/// One fused AdamW call over `slots` with their float32 gradients (masters where the model
+/// computes in bf16/f16, whose model copies are refreshed after it).
+fn fused_group(slots: &[(&Slot, &Tensor)], step: &Tensor, h: AdamWStep, scale: Option<&Tensor>) {
+    let params: Vec<Tensor> =
+        slots.iter().map(|(s, _)| s.master.as_ref().unwrap_or(&s.param).shallow_clone()).collect();
+    let grads: Vec<Tensor> = slots.iter().map(|(_, g)| g.shallow_clone()).collect();
+    let slots: Vec<&Slot> = slots.iter().map(|(s, _)| *s).collect();
     let m: Vec<Tensor> = slots.iter().map(|s| s.m.shallow_clone()).collect();
     let v: Vec<Tensor> = slots.iter().map(|s| s.v.shallow_clone()).collect();
     fused_adamw(&params, &grads, &m, &v, step, h, scale).expect("fused AdamW");
@@ -141,10 +130,11 @@ impl AdamW {
         AdamW { config, slots, fused_step, step: 0 }
     }
 
-    /// One update at learning rate `lr`, given the gradient norm before clipping
-    /// ([`grad_norm`] over every parameter of the model, which the caller checks first). Only
-    /// this optimizer's parameters change: all of them, or a ZeRO-1 rank's share.
-    pub fn step(&mut self, lr: f64, norm: f64) {
+    /// One update at learning rate `lr` from the float32 gradients `grads` (by parameter name),
+    /// given their norm before clipping ([`grad_norm`] over every parameter of the model, which
+    /// the caller checks first). Only this optimizer's parameters change: all of them, or a
+    /// ZeRO-1 rank's share.
+    pub fn step(&mut self, lr: f64, norm: f64, grads: &BTreeMap<String, Tensor>) {
         let clip = if self.config.grad_clip > 0.0 { (self.config.grad_clip / (norm + 1e-6)).min(1.0) } else { 1.0 };
         self.step += 1;
         let [b1, b2] = self.config.betas;
@@ -152,15 +142,12 @@ impl AdamW {
         let bc2_sqrt = (1.0 - b2.powi(self.step as i32)).sqrt();
         let (eps, wd) = (self.config.eps, self.config.weight_decay);
         if let Some(step) = &self.fused_step {
-            self.fused_update(step, lr, clip);
+            self.fused_update(step, lr, clip, grads);
             return;
         }
         tch::no_grad(|| {
-            for s in self.slots.values_mut() {
-                let g = s.param.grad();
-                if !g.defined() {
-                    continue;
-                }
+            for (name, s) in self.slots.iter_mut() {
+                let Some(g) = grads.get(name).filter(|g| g.defined()) else { continue };
                 let mut g = g.to_kind(Kind::Float);
                 if clip < 1.0 {
                     g *= clip;
@@ -182,7 +169,7 @@ impl AdamW {
 
     /// [`AdamW::step`] through the fused kernel, over groups of decayed and of undecayed
     /// parameters, the clip factor as gradient scale (the kernel divides by it).
-    fn fused_update(&self, step: &Tensor, lr: f64, clip: f64) {
+    fn fused_update(&self, step: &Tensor, lr: f64, clip: f64, grads: &BTreeMap<String, Tensor>) {
         let [beta1, beta2] = self.config.betas;
         tch::no_grad(|| {
             let _ = step.shallow_clone().fill_(self.step as f64);
@@ -190,17 +177,12 @@ impl AdamW {
             for decay in [true, false] {
                 let weight_decay = if decay { self.config.weight_decay } else { 0.0 };
                 let h = AdamWStep { lr, beta1, beta2, weight_decay, eps: self.config.eps };
-                // Groups of about FUSED_GROUP_BYTES of parameters, so float32 copies of bf16
-                // gradients exist for one group at a time.
-                let (mut group, mut bytes) = (Vec::new(), 0);
-                for s in self.slots.values().filter(|s| s.decay == decay && s.param.grad().defined()) {
-                    group.push(s);
-                    bytes += s.m.numel() * 4;
-                    if bytes >= FUSED_GROUP_BYTES {
-                        fused_group(&group, step, h, scale.as_ref());
-                        (group, bytes) = (Vec::new(), 0);
-                    }
-                }
+                let group: Vec<(&Slot, &Tensor)> = self
+                    .slots
+                    .iter()
+                    .filter(|(_, s)| s.decay == decay)
+                    .filter_map(|(name, s)| grads.get(name).filter(|g| g.defined()).map(|g| (s, g)))
+                    .collect();
                 if !group.is_empty() {
                     fused_group(&group, step, h, scale.as_ref());
                 }
@@ -284,6 +266,15 @@ impl AdamW {
 mod tests {
     use super::*;
 
+    fn zero_grad(params: &[Tensor]) {
+        for p in params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.detach_().zero_();
+            }
+        }
+    }
+
     /// Two optimizers over equal copies of a small model's parameters (a matrix, a decayed
     /// vector and an undecayed 1-D one), fed the same gradients for `steps` clipped steps.
     fn run(fused: bool, compute: Kind, steps: usize) -> Vec<Tensor> {
@@ -311,7 +302,9 @@ mod tests {
                 .iter()
                 .fold(Tensor::from(0f32), |acc, p| acc + (p.to_kind(Kind::Float).sin() * 3.0).sum(Kind::Float));
             loss.backward();
-            opt.step(1e-2, grad_norm(&live));
+            let grads: BTreeMap<String, Tensor> =
+                params.keys().zip(&live).map(|(n, p)| (n.clone(), p.grad().to_kind(Kind::Float))).collect();
+            opt.step(1e-2, grad_norm(grads.values()), &grads);
         }
         opt.slots.values().map(|s| s.master.as_ref().unwrap_or(&s.param).detach().copy()).collect()
     }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{corpus, run_ok, tiny_model};
+use common::{corpus, run_ok, tiny_model, tiny_model_with};
 use longmix_model::{load_model, RopeScaling};
 use tch::{Device, Kind, Tensor};
 
@@ -253,6 +253,36 @@ fn export_round_trips_with_the_trained_rope() {
         (back.model.forward(&ids, &pos) - plain.model.forward(&ids, &pos)).abs().max().double_value(&[])
     });
     assert!(d > 1e-3, "long rows should use the long factors (diff {d})");
+}
+
+/// A Phi-3 with a 16-token sliding window, extended 64 -> 256: the window is dropped in
+/// training and in the export unless `rope.keep_sliding_window`; the plan says which.
+#[test]
+fn the_extension_drops_a_sliding_window_shorter_than_l() {
+    let run = Run::new("steps = 1");
+    let cfg = run.config();
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("steps = 6\n", "");
+    std::fs::remove_dir_all(run.root.join("model")).unwrap();
+    tiny_model_with(
+        &run.root.join("model"),
+        serde_json::json!({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "sliding_window": 16}),
+    );
+    for (keep, window, note) in [(false, None, "16 < L = 256 is dropped"), (true, Some(16), "16 < L = 256 is kept")] {
+        let name = if keep { "kept" } else { "dropped" };
+        let export = run.root.join(format!("export-{name}"));
+        let this = text
+            .replace("target_length = 256", &format!("target_length = 256\nkeep_sliding_window = {keep}"))
+            .replace("/ckpt\"", &format!("/ckpt-{name}\""))
+            + &format!("[export]\ndir = \"{}\"\ndtype = \"f32\"\n", export.display());
+        std::fs::write(&cfg, this).unwrap();
+        let plan = run.train(&["--dry-run"]);
+        assert!(plan.contains(note), "the plan should say {note:?}:\n{plan}");
+        run.train(&[]);
+        let exported: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(export.join("config.json")).unwrap()).unwrap();
+        assert_eq!(exported["sliding_window"].as_i64(), window, "keep = {keep}: {}", exported["sliding_window"]);
+        assert_eq!(load_model(&export, Kind::Float, Device::Cpu).unwrap().model.config.sliding_window, window);
+    }
 }
 
 #[test]

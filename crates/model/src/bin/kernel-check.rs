@@ -11,7 +11,7 @@
 
 use anyhow::{ensure, Result};
 use longmix_model::{batch_targets, CausalLm, MemoryOptions, ModelConfig};
-use longmix_torch_ext::attention::{flash_varlen_available, per_document, varlen_attention};
+use longmix_torch_ext::attention::{flash_varlen_available, per_document, varlen_attention, CuSeqlens};
 use tch::{nn, Device, Kind, Tensor};
 
 fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
@@ -28,7 +28,7 @@ fn attention(device: Device, kind: Kind) -> Result<()> {
         let (q, k, v) = (mk(heads), mk(kv), mk(kv));
         let up = Tensor::randn([total, heads, 64], (Kind::Float, device));
         let cast = |x: &Tensor| x.to_kind(kind);
-        let fast = varlen_attention(&cast(&q), &cast(&k), &cast(&v), &cu, window);
+        let fast = varlen_attention(&cast(&q), &cast(&k), &cast(&v), &CuSeqlens::new(cu.to_vec(), device), window);
         (fast.to_kind(Kind::Float) * &up).sum(Kind::Float).backward();
         let fast_grads = [q.grad().copy(), k.grad().copy(), v.grad().copy()];
         for t in [&q, &k, &v] {

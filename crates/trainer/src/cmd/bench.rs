@@ -21,6 +21,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::device::{gpu_name, intra_op_threads, ComputeArgs};
 use crate::estimate::MemoryEstimate;
+use crate::grads::Grads;
 use crate::metrics::{peak_rss_mb, reset_peak_rss};
 use crate::optim::{self, AdamW, AdamWConfig};
 
@@ -172,7 +173,7 @@ pub fn run(a: Args) -> Result<()> {
             tch::Cuda::synchronize(i as i64);
         }
     };
-    let tensors: Vec<&Tensor> = params.iter().map(|(_, t)| t).collect();
+    let grads = Grads::new(&params);
     let bar = indicatif::ProgressBar::new((a.warmup + a.steps) as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("bench {bar:30} {pos}/{len} steps  {per_sec}  eta {eta}  {msg}")
@@ -196,12 +197,15 @@ pub fn run(a: Args) -> Result<()> {
         doc_len_sq = sq;
         sync();
         let data_s = t0.elapsed().as_secs_f64();
-        optim::zero_grad(tensors.iter().copied());
+        grads.zero();
         let n_targets = targets.ne(longmix_model::IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]);
-        let out = model.forward_backward(&ids, &pos, &targets, 1.0 / n_targets.max(1) as f64, mem);
+        let scale = 1.0 / n_targets.max(1) as f64;
+        let out = model.forward_backward_with(&ids, &pos, &targets, scale, mem, &mut |l| grads.fold_layer(l));
+        grads.fold_all();
         let t_opt = Instant::now();
-        let norm = optim::grad_norm(tensors.iter().copied());
-        opt.step(1e-5, norm);
+        let all = grads.all();
+        let norm = optim::grad_norm(&all);
+        opt.step(1e-5, norm, &params.iter().zip(all).map(|((n, _), g)| (n.clone(), g)).collect());
         sync();
         let optimizer_s = t_opt.elapsed().as_secs_f64();
         rec.push(StepRecord { step_s: t0.elapsed().as_secs_f64(), data_s, phases: out.phases, optimizer_s });

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use longmix_search::{run_search, RunOptions, SearchConfig};
 
-use crate::device::{parse_device, parse_dtype};
+use crate::device::{compute_dtype, parse_device};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -30,7 +30,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let cfg = SearchConfig::read(&a.config)?;
     let device = parse_device(&cfg.model.device).context("key `model.device`")?;
-    let kind = parse_dtype(&cfg.model.dtype).context("key `model.dtype`")?;
+    let kind = compute_dtype(&cfg.model.dtype, device).context("key `model.dtype`")?;
     let opts = RunOptions { stop_after: a.stop_after, progress: !a.no_progress };
     let out = run_search(&cfg, device, kind, &opts, a.restart)?;
     let r = &out.result;

@@ -36,8 +36,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, Checkpoint, Team, TrainerState};
 use crate::config::TrainConfig;
-use crate::device::{parse_device, parse_dtype};
+use crate::device::{check_training_dtype, compute_dtype, parse_device, parse_dtype};
 use crate::distributed::{self, Dist, GradSync, Launch};
+use crate::grads::Grads;
 use crate::metrics::{peak_rss_mb, Metrics};
 use crate::optim::{self, AdamW};
 
@@ -133,6 +134,8 @@ pub struct Trainer {
     eval_long: Vec<Row>,
     /// Every parameter, sorted by name (the order all ranks share).
     params: Vec<(String, Tensor)>,
+    /// Their float32 gradients, in that order.
+    grads: Grads,
     /// Data parallelism (None for a single process).
     pub dist: Option<Dist>,
     sync: Option<GradSync>,
@@ -227,7 +230,8 @@ impl Trainer {
             // One GPU per rank: LOCAL_RANK's.
             device = Device::Cuda(l.local_rank);
         }
-        let kind = parse_dtype(&cfg.model.dtype).context("key `model.dtype`")?;
+        let kind = compute_dtype(&cfg.model.dtype, device).context("key `model.dtype`")?;
+        check_training_dtype(kind, device, cfg.train.seq_len)?;
         let dist = launch.as_ref().map(|l| Dist::init(l, &cfg.distributed, device)).transpose()?;
         let world = dist.as_ref().map_or(1, |d| d.world());
         if cfg.rows_per_step(world) < world {
@@ -269,15 +273,21 @@ impl Trainer {
         }
         let extension = match &resumed {
             Some(c) => c.state.rope.clone(),
-            None => Extension::resolve(&cfg.extension_spec(), &lm.model.config.rope).map_err(|e| {
-                let e = format!("{e:#}");
-                match e.strip_prefix("target length: ") {
-                    Some(rest) => anyhow::anyhow!("key `rope.target_length`: {rest}"),
-                    None => anyhow::anyhow!("key `rope`: {e}"),
-                }
-            })?,
+            None => Extension {
+                keep_sliding_window: cfg.rope.keep_sliding_window,
+                ..Extension::resolve(&cfg.extension_spec(), &lm.model.config.rope).map_err(|e| {
+                    let e = format!("{e:#}");
+                    match e.strip_prefix("target length: ") {
+                        Some(rest) => anyhow::anyhow!("key `rope.target_length`: {rest}"),
+                        None => anyhow::anyhow!("key `rope`: {e}"),
+                    }
+                })?
+            },
         };
         extension.check(&lm.model.config.rope).context("the checkpoint's extension")?;
+        if let Some(note) = extension.sliding_window_note(lm.model.config.sliding_window) {
+            tracing::info!("{note}");
+        }
         extension.apply(&mut lm.model.config);
         if cfg.train.seq_len as i64 > extension.target_length {
             bail!("key `train.seq_len`: {} exceeds rope.target_length {}", cfg.train.seq_len, extension.target_length);
@@ -324,6 +334,7 @@ impl Trainer {
             .collect();
         let mut opt = AdamW::new(cfg.optim.clone(), mine, kind);
         lm.vs.set_kind(kind);
+        let grads = Grads::new(&params);
         let sync = dist.as_ref().map(|d| GradSync::new(&params, (d.cfg.bucket_mb * 1e6) as usize, owner.as_ref()));
         let mut state = TrainerState { step: 0, tokens_seen: 0, loader: loader.state(), rope: extension.clone() };
         if let Some(c) = resumed {
@@ -357,6 +368,7 @@ impl Trainer {
             eval_short,
             eval_long,
             params,
+            grads,
             dist,
             sync,
             owner,
@@ -422,22 +434,27 @@ impl Trainer {
         let step_targets: usize = rows.iter().map(|r| r.n_targets).sum();
         let scale = 1.0 / step_targets.max(1) as f64;
         let mine = self.my_rows(rows);
-        optim::zero_grad(self.params.iter().map(|(_, t)| t));
+        self.grads.zero();
         // Per window: summed NLL, scored tokens, rows; then window mismatches.
         let mut sums = [0.0f64; 7];
         let mut phases = Phases::default();
         let micro: Vec<&[&Row]> = mine.chunks(self.cfg.train.micro_batch_rows).collect();
         let overlap = self.dist.as_ref().is_some_and(|d| d.cfg.overlap);
         let mut inflight = match (&self.sync, &self.dist) {
-            (Some(s), Some(d)) => Some(s.begin(&d.pg)),
+            (Some(s), Some(d)) => Some(s.begin(&d.pg, &self.grads)),
             _ => None,
         };
         for (k, mb) in micro.iter().enumerate() {
             // The last micro-batch's gradients are final: reduce them layer by layer.
+            let grads = &self.grads;
             let out = match inflight.as_mut().filter(|_| overlap && k + 1 == micro.len()) {
-                Some(f) => self.forward_backward_step(mb, scale, &mut |i| f.layer_done(i)),
-                None => self.forward_backward_step(mb, scale, &mut |_| {}),
+                Some(f) => self.forward_backward_step(mb, scale, &mut |i| {
+                    grads.fold_layer(i);
+                    f.layer_done(i)
+                }),
+                None => self.forward_backward_step(mb, scale, &mut |i| grads.fold_layer(i)),
             };
+            grads.fold_all();
             phases.add(&out.phases);
             for (i, w) in out.windows.iter().enumerate() {
                 let o = 3 * (*w == Window::Long) as usize;
@@ -471,15 +488,17 @@ impl Trainer {
         }
         let loss = (sums[0] + sums[3]) / step_targets.max(1) as f64;
         let t_opt = Instant::now();
+        let all_grads = self.grads.all();
         let grad_norm = match (&self.owner, &self.dist) {
             // ZeRO-1: each rank holds the summed gradients of its own parameters only.
             (Some(owner), Some(d)) => {
-                let norm = optim::grad_norm(self.params.iter().filter(|(n, _)| owner[n] == d.rank()).map(|(_, t)| t));
+                let mine = self.params.iter().zip(&all_grads).filter(|((n, _), _)| owner[n] == d.rank());
+                let norm = optim::grad_norm(mine.map(|(_, g)| g));
                 let mut sq = [norm * norm];
                 d.reduce_f64(&mut sq, ReduceOp::Sum, step, "gradient norm reduction")?;
                 sq[0].sqrt()
             }
-            _ => optim::grad_norm(self.params.iter().map(|(_, t)| t)),
+            _ => optim::grad_norm(&all_grads),
         };
         if !loss.is_finite() || !grad_norm.is_finite() {
             bail!(
@@ -489,7 +508,9 @@ impl Trainer {
             );
         }
         let lr = self.schedule.lr(self.state.step);
-        self.opt.step(lr, grad_norm);
+        let by_name: BTreeMap<String, Tensor> =
+            self.params.iter().zip(all_grads).map(|((n, _), g)| (n.clone(), g)).collect();
+        self.opt.step(lr, grad_norm, &by_name);
         if let (Some(owner), Some(d)) = (&self.owner, &self.dist) {
             distributed::broadcast_owned(&d.pg, &self.params, owner)
                 .map_err(|e| d.failure(step, "ZeRO-1 parameter broadcast", e))?;

@@ -2,11 +2,10 @@
 //! and for data parallelism the ranks and their estimated idle time).
 
 use longmix_data::Loader;
-use tch::Kind;
+use longmix_model::ModelConfig;
 
 use super::Trainer;
 use crate::checkpoint::Checkpoint;
-use crate::device::parse_dtype;
 use crate::distributed;
 use crate::estimate::MemoryEstimate;
 
@@ -38,7 +37,8 @@ impl Trainer {
         let t = &cfg.train;
         let zero1 = world > 1 && cfg.distributed.zero1;
         let rows = cfg.rows_per_step(world);
-        let kind = parse_dtype(&cfg.model.dtype).unwrap_or(Kind::Float);
+        // The compute dtype (the weights were cast to it in setup).
+        let kind = self.lm.model.lm_head_weight().kind();
         let share = if zero1 { 1.0 / world as f64 } else { 1.0 };
         let tokens = (t.micro_batch_rows * t.seq_len) as i64;
         let est = MemoryEstimate::new(c, kind, self.opt.memory(share), tokens, self.mem, self.device);
@@ -52,6 +52,13 @@ impl Trainer {
             c.num_hidden_layers
         );
         println!("  window         {l0} -> {l} (x{:.2}), attention factor {:.4}", ext.scale(), ext.attention_factor);
+        // The model's own window, as its config.json states it (the extension is applied).
+        let own = ModelConfig::from_json_str(&serde_json::Value::Object(c.raw.clone()).to_string())
+            .ok()
+            .and_then(|own| own.sliding_window);
+        if let Some(note) = ext.sliding_window_note(own) {
+            println!("  sliding window {note}");
+        }
         println!(
             "  long factors   {:.3} .. {:.3}   short factors {:.3} .. {:.3}",
             ext.long_factor[0],
