@@ -27,10 +27,29 @@ struct LmGroup {
   std::chrono::milliseconds timeout;
   std::atomic<bool> stop{false};
   std::thread heartbeat;
+  bool shut_down = false;
 
-  ~LmGroup() {
+  void stop_heartbeat() {
     stop = true;
     if (heartbeat.joinable()) heartbeat.join();
+  }
+
+  // The backend's orderly end (NCCL: finalize and destroy its communicators; an aborted one,
+  // after a failed collective, is skipped). Dropping a ProcessGroupNCCL without it warns and
+  // aborts its communicators instead.
+  void shutdown() {
+    if (shut_down) return;
+    shut_down = true;
+    backend->shutdown();
+    stop_heartbeat();
+  }
+
+  ~LmGroup() {
+    try {
+      shutdown();
+    } catch (...) {
+    }
+    stop_heartbeat();
   }
 };
 
@@ -52,9 +71,15 @@ int lm_nccl_compiled() {
 }
 
 // backend: 0 = Gloo, 1 = NCCL. `is_server`: this process hosts the TCPStore (rank 0 of a plain
-// launch); under torchrun's agent store every rank is a client.
+// launch); under torchrun's agent store every rank is a client. `device`: the CUDA device NCCL is
+// bound to (the caller made it current), -1 for none.
+//
+// NCCL runs with blocking waits (TORCH_NCCL_BLOCKING_WAIT=1 unless the environment says
+// otherwise): every wait here passes `timeout` and names the failure itself, while NCCL's
+// watchdog would instead abort the process on its own limit (its default error handling), often
+// before the message naming the dead or hung rank is printed.
 char* lm_group_new(int backend, const char* host, int port, int rank, int world, int is_server,
-                   long long timeout_ms, const char* prefix, LmGroup** out) {
+                   long long timeout_ms, const char* prefix, int device, LmGroup** out) {
   return guard([&] {
     auto timeout = std::chrono::milliseconds(timeout_ms);
     c10d::TCPStoreOptions so;
@@ -73,10 +98,18 @@ char* lm_group_new(int backend, const char* host, int port, int rank, int world,
                                                         world, opts);
     } else {
 #ifdef LONGMIX_NCCL
+      setenv("TORCH_NCCL_BLOCKING_WAIT", "1", 0);
       auto opts = c10d::ProcessGroupNCCL::Options::create();
       opts->timeout = timeout;
       b = c10::make_intrusive<c10d::ProcessGroupNCCL>(c10::make_intrusive<c10d::PrefixStore>("nccl", store), rank,
                                                         world, opts);
+      if (device >= 0) {
+        // What init_process_group(device_id=...) does: collectives and the barrier use this
+        // device, and the communicator is made now (its errors surface at start).
+        at::Device d(at::kCUDA, static_cast<c10::DeviceIndex>(device));
+        b->setBoundDeviceId(d);
+        b->eagerConnectSingleDevice(d);
+      }
 #else
       TORCH_CHECK(false, "this build of longmix has no NCCL: rebuild after launch/setup.sh installed its headers");
 #endif
@@ -87,6 +120,11 @@ char* lm_group_new(int backend, const char* host, int port, int rank, int world,
     g->timeout = timeout;
     *out = g;
   });
+}
+
+// Shut the group down (see LmGroup::shutdown); call it once every rank is done with it.
+char* lm_group_shutdown(LmGroup* g) {
+  return guard([&] { g->shutdown(); });
 }
 
 void lm_group_free(LmGroup* g) { delete g; }
@@ -173,6 +211,11 @@ char* lm_store_get(LmGroup* g, const char* key, long long timeout_ms, char** val
     auto bytes = g->store->get(std::string(key));
     *value = dup(std::string(bytes.begin(), bytes.end()));
   });
+}
+
+// Add `delta` to the counter `key` (created at 0) and give its new value; delta 0 reads it.
+char* lm_store_add(LmGroup* g, const char* key, long long delta, long long* value) {
+  return guard([&] { *value = g->store->add(std::string(key), delta); });
 }
 
 // Count up `key` every `interval_ms` on a thread of its own (with its own store connection),

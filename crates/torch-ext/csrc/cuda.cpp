@@ -8,6 +8,7 @@
 
 #ifdef LONGMIX_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #endif
 
 extern "C" {
@@ -35,6 +36,18 @@ char* lm_cuda_reset_peak(int device) {
   return lm::guard([&] {
 #ifdef LONGMIX_CUDA
     c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
+#else
+    TORCH_CHECK(false, "this build of longmix has no CUDA headers: rebuild after launch/setup.sh installed them");
+#endif
+  });
+}
+
+// Make `device` this thread's current CUDA device (torch.cuda.set_device): kernels, the flash
+// kernel's device checks and NCCL's default device follow it.
+char* lm_cuda_set_device(int device) {
+  return lm::guard([&] {
+#ifdef LONGMIX_CUDA
+    c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
 #else
     TORCH_CHECK(false, "this build of longmix has no CUDA headers: rebuild after launch/setup.sh installed them");
 #endif

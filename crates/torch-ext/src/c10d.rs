@@ -35,9 +35,12 @@ extern "C" {
         is_server: c_int,
         timeout_ms: i64,
         prefix: *const c_char,
+        device: c_int,
         out: *mut *mut RawGroup,
     ) -> *mut c_char;
+    fn lm_group_shutdown(g: *mut RawGroup) -> *mut c_char;
     fn lm_group_free(g: *mut RawGroup);
+    fn lm_store_add(g: *mut RawGroup, key: *const c_char, delta: i64, value: *mut i64) -> *mut c_char;
     fn lm_allreduce(g: *mut RawGroup, t: *mut c_void, op: c_int, work: *mut *mut RawWork) -> *mut c_char;
     fn lm_broadcast(g: *mut RawGroup, t: *mut c_void, root: c_int, work: *mut *mut RawWork) -> *mut c_char;
     fn lm_reduce(g: *mut RawGroup, t: *mut c_void, root: c_int, work: *mut *mut RawWork) -> *mut c_char;
@@ -89,6 +92,8 @@ pub struct Rendezvous {
     /// Namespace of this group's keys in the store (a restarted run under torchrun's agent
     /// store, which outlives the ranks, takes a new one).
     pub prefix: String,
+    /// NCCL: the CUDA device the group is bound to (the caller makes it current first).
+    pub device: Option<usize>,
 }
 
 /// One process group (every rank of the run).
@@ -157,6 +162,7 @@ impl ProcessGroup {
                 rv.is_server as c_int,
                 rv.timeout.as_millis() as i64,
                 prefix.as_ptr(),
+                rv.device.map_or(-1, |d| d as c_int),
                 &mut raw,
             )
         })?;
@@ -212,6 +218,23 @@ impl ProcessGroup {
         let k = c_string(key);
         // SAFETY: live group, valid key; the thread stops before the group is freed.
         check(unsafe { lm_heartbeat_start(self.raw, k.as_ptr(), interval.as_millis() as i64) })
+    }
+
+    /// Add `delta` to the store counter `key` (0 at first) and return its new value (`delta` 0
+    /// reads it).
+    pub fn store_add(&self, key: &str, delta: i64) -> Result<i64> {
+        let k = c_string(key);
+        let mut value = 0i64;
+        // SAFETY: valid key and out-pointer for the call.
+        check(unsafe { lm_store_add(self.raw, k.as_ptr(), delta, &mut value) })?;
+        Ok(value)
+    }
+
+    /// End the group in order (NCCL: finalize and destroy its communicators) once every rank is
+    /// done with it; dropping the group does it too, ignoring errors.
+    pub fn shutdown(&self) -> Result<()> {
+        // SAFETY: live group; the C side does it once.
+        check(unsafe { lm_group_shutdown(self.raw) })
     }
 
     /// Set `key` in the run's store (seen by every rank).

@@ -1,5 +1,6 @@
 //! The CUDA caching allocator's memory statistics (`torch.cuda.memory_allocated`,
-//! `max_memory_allocated`, `memory_reserved`, `max_memory_reserved`, `reset_peak_memory_stats`).
+//! `max_memory_allocated`, `memory_reserved`, `max_memory_reserved`, `reset_peak_memory_stats`),
+//! and the current device (`torch.cuda.set_device`).
 
 use std::ffi::{c_char, c_int};
 
@@ -16,6 +17,13 @@ extern "C" {
         peak_r: *mut i64,
     ) -> *mut c_char;
     fn lm_cuda_reset_peak(device: c_int) -> *mut c_char;
+    fn lm_cuda_set_device(device: c_int) -> *mut c_char;
+}
+
+/// Make GPU `device` this thread's current CUDA device.
+pub fn set_device(device: usize) -> Result<()> {
+    // SAFETY: a plain integer argument.
+    check(unsafe { lm_cuda_set_device(device as c_int) })
 }
 
 /// Bytes held on one GPU, now and at the peak since the last [`reset_peak`].

@@ -199,6 +199,12 @@ pub struct DistributedSection {
     /// naming the ranks that did not answer.
     #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
+    /// Seconds the ranks wait for each other at a phase whose length has no bound but the disk's
+    /// (writing a checkpoint, the export at the end). They wait on the rendezvous store, not in
+    /// a collective, so a slow disk is not a failure; a rank whose heartbeat stops for
+    /// `timeout_s` is still named as dead.
+    #[serde(default = "default_phase_timeout_s")]
+    pub phase_timeout_s: u64,
     /// Shard AdamW moments and float32 masters across ranks (ZeRO stage 1).
     #[serde(default)]
     pub zero1: bool,
@@ -226,6 +232,9 @@ fn default_backend() -> String {
 }
 fn default_timeout_s() -> u64 {
     600
+}
+fn default_phase_timeout_s() -> u64 {
+    4 * 3600
 }
 fn default_bucket_mb() -> f64 {
     25.0
@@ -352,6 +361,14 @@ impl TrainConfig {
         }
         if d.timeout_s == 0 {
             bail!("key `distributed.timeout_s`: must be >= 1");
+        }
+        if d.phase_timeout_s < d.timeout_s {
+            bail!(
+                "key `distributed.phase_timeout_s`: {} is below distributed.timeout_s = {}; it bounds the slow phases \
+                 (checkpoints, export), so give it at least timeout_s",
+                d.phase_timeout_s,
+                d.timeout_s
+            );
         }
         if !(d.bucket_mb.is_finite() && d.bucket_mb > 0.0) {
             bail!("key `distributed.bucket_mb`: {} must be > 0", d.bucket_mb);

@@ -121,16 +121,38 @@ impl Launch {
     }
 }
 
+/// The device rank `launch` computes on when the run asks for `requested`, seeing `visible` CUDA
+/// devices: one GPU per rank, `LOCAL_RANK`'s, or the only one a task sees (SLURM with
+/// `--gpus-per-task=1`, or `CUDA_VISIBLE_DEVICES` set per rank), where `cuda:LOCAL_RANK` would
+/// not exist.
+pub fn rank_device(requested: Device, launch: &Launch, visible: usize) -> Result<Device> {
+    match requested {
+        Device::Cuda(_) if visible == 1 => Ok(Device::Cuda(0)),
+        Device::Cuda(_) if launch.local_rank < visible => Ok(Device::Cuda(launch.local_rank)),
+        Device::Cuda(_) => bail!(
+            "rank {} (local rank {}) needs a GPU of its own, but this process sees {visible} CUDA device(s): start \
+             at most one rank per visible GPU (torchrun --nproc-per-node, SLURM --ntasks-per-node) or make each \
+             rank see one GPU (SLURM --gpus-per-task=1)",
+            launch.rank,
+            launch.local_rank
+        ),
+        other => Ok(other),
+    }
+}
+
 /// The process group and the trainer's uses of it.
 pub struct Dist {
     pub pg: ProcessGroup,
     pub cfg: DistributedSection,
     pub launch: Launch,
     device: Device,
+    /// Agreements held so far ([`Dist::agree`]); each names its store keys by this count.
+    agreements: std::cell::Cell<u64>,
 }
 
 impl Dist {
-    /// Join the run's group; the backend follows `cfg.backend` ("auto": NCCL on CUDA).
+    /// Join the run's group on `device` (from [`rank_device`], made current here); the backend
+    /// follows `cfg.backend` ("auto": NCCL on CUDA).
     pub fn init(launch: &Launch, cfg: &DistributedSection, device: Device) -> Result<Dist> {
         let backend = match (cfg.backend.as_str(), device) {
             ("gloo", _) | ("auto", Device::Cpu) => Backend::Gloo,
@@ -147,7 +169,16 @@ impl Dist {
             is_server: launch.rank == 0 && !launch.agent_store,
             timeout: Duration::from_secs(cfg.timeout_s),
             prefix: format!("longmix/{}/", launch.restart),
+            device: match (backend, device) {
+                (Backend::Nccl, Device::Cuda(d)) => Some(d),
+                _ => None,
+            },
         };
+        if let Some(d) = rv.device {
+            // Before the group exists: NCCL's communicator, its barrier and the flash kernel's
+            // device checks follow the current device.
+            longmix_torch_ext::cuda::set_device(d)?;
+        }
         let pg = ProcessGroup::new(backend, &rv).with_context(|| {
             format!(
                 "rank {} of {}: cannot join the run's process group at {}:{} ({backend:?}, {} s timeout); check \
@@ -156,7 +187,49 @@ impl Dist {
             )
         })?;
         pg.start_heartbeat(&format!("heartbeat/{}", launch.rank), HEARTBEAT)?;
-        Ok(Dist { pg, cfg: cfg.clone(), launch: launch.clone(), device })
+        Ok(Dist { pg, cfg: cfg.clone(), launch: launch.clone(), device, agreements: Default::default() })
+    }
+
+    /// The ranks whose `ok` was false at the end of `what`, a phase that may last as long as a
+    /// disk takes (a checkpoint write): every rank posts its word in the rendezvous store and
+    /// waits there for all the others, up to `phase_timeout_s`, rather than in a collective
+    /// bounded by `timeout_s`. A rank whose heartbeat stands still for `timeout_s` meanwhile is
+    /// named as dead.
+    pub fn agree(&self, ok: bool, what: &str) -> Result<Vec<usize>> {
+        let n = self.agreements.replace(self.agreements.get() + 1);
+        let key = |k: &str| format!("agree/{n}/{k}");
+        let store = |e: anyhow::Error| {
+            anyhow::anyhow!("rank {}: the rendezvous store failed in the {what}: {e:#}", self.rank())
+        };
+        self.pg.store_set(&key(&self.rank().to_string()), if ok { "ok" } else { "failed" }).map_err(store)?;
+        self.pg.store_add(&key("arrived"), 1).map_err(store)?;
+        let (start, mut beats) = (Instant::now(), Heartbeats::new(self));
+        while self.pg.store_add(&key("arrived"), 0).map_err(store)? < self.world() as i64 {
+            let dead = beats.still_for(Duration::from_secs(self.cfg.timeout_s));
+            if !dead.is_empty() || start.elapsed() > Duration::from_secs(self.cfg.phase_timeout_s) {
+                let who = if dead.is_empty() { "a rank".to_string() } else { format!("rank(s) {dead:?}") };
+                bail!(
+                    "rank {} of {}: {who} did not finish the {what} (heartbeat still for distributed.timeout_s = {} s, \
+                     or the phase ran past distributed.phase_timeout_s = {} s); restart the run with --resume auto",
+                    self.rank(),
+                    self.world(),
+                    self.cfg.timeout_s,
+                    self.cfg.phase_timeout_s
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let word = |r: usize| self.pg.store_get(&key(&r.to_string()), Duration::from_secs(self.cfg.timeout_s));
+        let words = (0..self.world()).map(word).collect::<Result<Vec<String>>>().map_err(store)?;
+        Ok(words.iter().enumerate().filter(|(_, w)| *w != "ok").map(|(r, _)| r).collect())
+    }
+
+    /// The end of a run on every exit path that gets here: wait for every rank (rank 0 may still
+    /// be exporting), then shut the group down in order. An error path drops the group instead,
+    /// which shuts it down without waiting for peers.
+    pub fn finish(&self) -> Result<()> {
+        self.agree(true, "end of the run")?;
+        self.pg.shutdown()
     }
 
     pub fn rank(&self) -> usize {
@@ -181,14 +254,6 @@ impl Dist {
         let mut v = [-x, x];
         self.reduce_f64(&mut v, ReduceOp::Max, step, what)?;
         Ok((-v[0], v[1]))
-    }
-
-    /// The ranks whose `ok` was false, the same list on every rank.
-    pub fn failed_ranks(&self, ok: bool, step: u64, what: &str) -> Result<Vec<usize>> {
-        let mut v = vec![0.0; self.world()];
-        v[self.rank()] = if ok { 0.0 } else { 1.0 };
-        self.reduce_f64(&mut v, ReduceOp::Sum, step, what)?;
-        Ok(v.iter().enumerate().filter(|(_, x)| **x > 0.0).map(|(r, _)| r).collect())
     }
 
     /// Turn a failed collective into one error naming the ranks that did not answer (those
@@ -226,6 +291,35 @@ impl Dist {
 
 /// How often each rank's heartbeat counter moves (see [`Dist::failure`]).
 const HEARTBEAT: Duration = Duration::from_millis(500);
+
+/// The peers' heartbeat counters and when each last moved.
+struct Heartbeats<'a> {
+    dist: &'a Dist,
+    seen: BTreeMap<usize, (Option<String>, Instant)>,
+    read_at: Instant,
+}
+
+impl<'a> Heartbeats<'a> {
+    fn new(dist: &'a Dist) -> Heartbeats<'a> {
+        let now = Instant::now();
+        let seen = (0..dist.world()).filter(|&r| r != dist.rank()).map(|r| (r, (None, now))).collect();
+        Heartbeats { dist, seen, read_at: now - HEARTBEAT }
+    }
+
+    /// The peers whose counter has not moved for `limit` (read at most once a heartbeat).
+    fn still_for(&mut self, limit: Duration) -> Vec<usize> {
+        if self.read_at.elapsed() >= HEARTBEAT {
+            self.read_at = Instant::now();
+            for (r, (last, since)) in self.seen.iter_mut() {
+                let now = self.dist.pg.store_get(&format!("heartbeat/{r}"), Duration::from_millis(200)).ok();
+                if now.is_some() && now != *last {
+                    (*last, *since) = (now, Instant::now());
+                }
+            }
+        }
+        self.seen.iter().filter(|(_, (_, since))| since.elapsed() > limit).map(|(r, _)| *r).collect()
+    }
+}
 
 /// How long each rank waited for the slowest one, given each rank's work (seconds or cost).
 pub fn idle(loads: &[f64]) -> Vec<f64> {
@@ -536,6 +630,88 @@ mod tests {
         assert!(e.to_string().contains("below the world size"), "{e}");
         let e = Launch::from_vars(&vars(&[("WORLD_SIZE", "two")])).unwrap_err();
         assert!(e.to_string().contains("WORLD_SIZE"), "{e}");
+    }
+
+    #[test]
+    fn each_rank_gets_its_gpu_or_the_only_one_it_sees() {
+        let launch = |local: usize| Launch {
+            rank: 8 + local,
+            world_size: 16,
+            local_rank: local,
+            master_addr: "n0".into(),
+            master_port: 1,
+            agent_store: false,
+            launcher: "torchrun",
+            restart: 0,
+        };
+        // torchrun, 8 GPUs per node: LOCAL_RANK's.
+        assert_eq!(rank_device(Device::Cuda(0), &launch(3), 8).unwrap(), Device::Cuda(3));
+        // SLURM with --gpus-per-task=1: the one visible GPU, whatever SLURM_LOCALID says.
+        let slurm = Launch::from_vars(&vars(&[
+            ("SLURM_PROCID", "13"),
+            ("SLURM_NTASKS", "16"),
+            ("SLURM_LOCALID", "5"),
+            ("MASTER_ADDR", "n0"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(rank_device(Device::Cuda(0), &slurm, 1).unwrap(), Device::Cuda(0));
+        // More ranks on a node than GPUs it shows them: one clear error.
+        let e = rank_device(Device::Cuda(0), &launch(5), 4).unwrap_err().to_string();
+        assert!(
+            e.contains("local rank 5") && e.contains("sees 4 CUDA device(s)") && e.contains("--gpus-per-task=1"),
+            "{e}"
+        );
+        assert_eq!(rank_device(Device::Cpu, &launch(5), 0).unwrap(), Device::Cpu);
+    }
+
+    /// Two ranks as threads of this process on Gloo, joined the way the trainer joins them.
+    fn two_ranks(timeout_s: u64, each: impl Fn(Dist) -> Result<Vec<usize>> + Sync) -> Vec<Result<Vec<usize>>> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let cfg = DistributedSection { timeout_s, phase_timeout_s: 60, ..Default::default() };
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..2)
+                .map(|rank| {
+                    let (cfg, each) = (&cfg, &each);
+                    s.spawn(move || {
+                        let launch = Launch {
+                            rank,
+                            world_size: 2,
+                            local_rank: rank,
+                            master_addr: "127.0.0.1".into(),
+                            master_port: port,
+                            agent_store: false,
+                            launcher: "torchrun",
+                            restart: 0,
+                        };
+                        each(Dist::init(&launch, cfg, Device::Cpu)?)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn a_phase_longer_than_the_collective_timeout_is_not_a_failure_but_a_dead_rank_is_named() {
+        // Rank 0 "writes a checkpoint" for 3 s, three times the collective timeout.
+        let slow = two_ranks(1, |d| {
+            if d.rank() == 0 {
+                std::thread::sleep(Duration::from_secs(3));
+            }
+            let failed = d.agree(d.rank() == 0, "checkpoint of step 1")?;
+            d.finish()?;
+            Ok(failed)
+        });
+        for r in slow {
+            assert_eq!(r.unwrap(), vec![1], "both ranks learn that rank 1 reported a failure");
+        }
+        // Rank 1 dies instead (its group and heartbeat go away): rank 0 names it.
+        let t0 = Instant::now();
+        let dead = two_ranks(1, |d| if d.rank() == 1 { Ok(vec![]) } else { d.agree(true, "checkpoint of step 1") });
+        let e = format!("{:#}", dead[0].as_ref().unwrap_err());
+        assert!(e.contains("rank(s) [1] did not finish the checkpoint of step 1"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(20), "took {:?}", t0.elapsed());
     }
 
     #[test]

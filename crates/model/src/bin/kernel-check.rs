@@ -8,6 +8,9 @@
 //! 2. A small LLaMA on a mixed batch (packed short row + long row) in bf16: the checkpointed,
 //!    chunked-head path gives the plain path's loss and gradients.
 //! 3. The CUDA allocator statistics see a 1 GB tensor and reset.
+//! 4. (CUDA) SDPA picks a fused kernel, not the O(T^2) math one, for a long bf16 row with grouped
+//!    KV heads (what `dtype = "auto"` trains in), and each forward + backward over packed rows
+//!    copies its `cu_seqlens` to the GPU once, however many layers and recomputations read it.
 
 use anyhow::{ensure, Result};
 use longmix_model::{batch_targets, CausalLm, MemoryOptions, ModelConfig};
@@ -73,7 +76,13 @@ fn checkpointing(device: Device, kind: Kind) -> Result<()> {
         (loss, grads)
     };
     let plain = run(MemoryOptions::default());
+    let uploads = CuSeqlens::uploads();
     let ckpt = run(MemoryOptions { checkpoint_layers: true, loss_chunk: Some(300), sync_phases: false });
+    let uploads = CuSeqlens::uploads() - uploads;
+    println!("cu_seqlens host-to-device copies in one checkpointed forward + backward of 4 layers: {uploads}");
+    if device.is_cuda() {
+        ensure!(uploads == 1, "expected one copy of cu_seqlens per forward, got {uploads}");
+    }
     let worst = plain.1.iter().zip(&ckpt.1).map(|(a, b)| max_rel(b, a)).fold(0.0, f64::max);
     let dloss = (plain.0 - ckpt.0).abs() / plain.0.abs();
     println!("checkpointed vs plain ({kind:?}): loss rel diff {dloss:.2e}, worst gradient rel diff {worst:.2e}");
@@ -97,6 +106,27 @@ fn allocator(device: usize) -> Result<()> {
     Ok(())
 }
 
+/// The SDPA backend PyTorch picks for one causal row of `t` tokens (32 query / 8 KV heads).
+fn sdpa_backend(device: Device, kind: Kind, t: i64) -> &'static str {
+    let q = Tensor::zeros([1, 32, t, 128], (kind, device));
+    let kv = Tensor::zeros([1, 8, t, 128], (kind, device));
+    match Tensor::internal_fused_sdp_choice(&q, &kv, &kv, None::<Tensor>, 0.0, true, None, true) {
+        0 => "math",
+        1 => "flash",
+        2 => "memory-efficient",
+        3 => "cudnn",
+        _ => "other",
+    }
+}
+
+fn sdpa_choice(device: Device) -> Result<()> {
+    let bf16 = sdpa_backend(device, Kind::BFloat16, 16384);
+    let f32 = sdpa_backend(device, Kind::Float, 4096);
+    println!("SDPA backend for a causal GQA row: bf16 x 16384 {bf16}, f32 x 4096 {f32}");
+    ensure!(matches!(bf16, "flash" | "cudnn"), "long bf16 rows would run SDPA's {bf16} kernel");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let device = match std::env::args().nth(1).as_deref() {
         Some("cpu") => Device::Cpu,
@@ -117,6 +147,7 @@ fn main() -> Result<()> {
     checkpointing(device, kind)?;
     if let Device::Cuda(d) = device {
         allocator(d)?;
+        sdpa_choice(device)?;
     }
     println!("kernel-check ok on {device:?}");
     Ok(())

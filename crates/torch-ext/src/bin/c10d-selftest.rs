@@ -30,10 +30,18 @@ fn main() -> Result<()> {
         is_server: rank == 0 && !agent,
         timeout: Duration::from_secs(std::env::var("TIMEOUT_S").map_or(30, |s| s.parse().unwrap_or(30))),
         prefix: "selftest/".into(),
+        device: None,
     };
     let device = match backend {
         Backend::Gloo => Device::Cpu,
         Backend::Nccl => Device::Cuda(std::env::var("LOCAL_RANK").map_or(0, |s| s.parse().unwrap_or(0))),
+    };
+    let rv = match device {
+        Device::Cuda(d) => {
+            longmix_torch_ext::cuda::set_device(d)?;
+            Rendezvous { device: Some(d), ..rv }
+        }
+        _ => rv,
     };
     let pg = ProcessGroup::new(backend, &rv)?;
     let mine = Tensor::full([5], (rank + 1) as f64, (Kind::Float, device));
@@ -76,7 +84,11 @@ fn main() -> Result<()> {
     let peer = (rank + 1) % world;
     let got = pg.store_get(&format!("selftest/{peer}"), rv.timeout)?;
     ensure!(got == format!("hello from {peer}"), "rank {rank}: store gave {got:?}");
+    let arrived = pg.store_add("selftest/arrived", 1)?;
+    ensure!((1..=world as i64).contains(&arrived), "rank {rank}: the store counter gave {arrived}");
     pg.barrier()?;
-    println!("ok rank {rank} of {world} ({backend:?} on {device:?})");
+    ensure!(pg.store_add("selftest/arrived", 0)? == world as i64, "rank {rank}: the store counter missed a rank");
+    pg.shutdown()?;
+    println!("ok rank {rank} of {world} ({backend:?} on {device:?}), shut down");
     Ok(())
 }

@@ -154,7 +154,8 @@ impl Team for Dist {
         self.cfg.zero1
     }
     fn failed(&self, ok: bool, step: u64) -> Result<Vec<usize>> {
-        self.failed_ranks(ok, step, "checkpoint agreement")
+        // On the store: rank 0 writes the weights and may take longer than a collective waits.
+        self.agree(ok, &format!("checkpoint of step {step}"))
     }
 }
 
@@ -226,9 +227,8 @@ impl Trainer {
         tch::set_num_threads(crate::device::intra_op_threads(cfg.model.threads, local));
         tch::manual_seed(cfg.train.seed as i64);
         let mut device = parse_device(&cfg.model.device).context("key `model.device`")?;
-        if let (Some(l), Device::Cuda(_)) = (&launch, device) {
-            // One GPU per rank: LOCAL_RANK's.
-            device = Device::Cuda(l.local_rank);
+        if let Some(l) = &launch {
+            device = distributed::rank_device(device, l, tch::Cuda::device_count() as usize)?;
         }
         let kind = compute_dtype(&cfg.model.dtype, device).context("key `model.dtype`")?;
         check_training_dtype(kind, device, cfg.train.seq_len)?;
@@ -625,6 +625,11 @@ impl Trainer {
         checkpoint::space_warning(dir, bytes, self.cfg.checkpoint.keep)
     }
 
+    /// Data parallel: wait for every rank and shut the process group down in order.
+    pub fn finish(&self) -> Result<()> {
+        self.dist.as_ref().map_or(Ok(()), Dist::finish)
+    }
+
     /// Write the Hugging Face folder of the trained model.
     pub fn export(&self, out: &Path, dtype: &str, shard_mb: u64) -> Result<()> {
         export(&self.lm, &self.cfg.model.path, &self.extension, out, dtype, shard_mb)
@@ -774,7 +779,7 @@ pub fn run(args: Args) -> Result<()> {
             if main {
                 println!("stopped at step {} (resume with --resume)", s.step);
             }
-            return Ok(());
+            return t.finish();
         }
     }
     bar.finish();
@@ -793,5 +798,5 @@ pub fn run(args: Args) -> Result<()> {
     if let (Some(e), true) = (&t.cfg.export, main) {
         t.export(&e.dir, &e.dtype, e.max_shard_mb)?;
     }
-    Ok(())
+    t.finish()
 }
