@@ -23,7 +23,7 @@ mkdir -p "$out"
 [ "${QUICK:-0}" = 1 ] && exit 0
 
 bench() { "$bin/longmix" bench --device cuda --dtype bf16 --steps 3 --warmup 1 "$@"; }
-summary() { python3 -c 'import json,sys; r=json.load(sys.stdin); print(f"{r[\"model\"]} {r[\"seq_len\"]}x{r[\"rows\"]} packed {r[\"packed_share\"]}: {r[\"tokens_per_s\"]:.0f} tok/s, MFU {r[\"mfu\"] or 0:.1%}, peak {r[\"cuda_peak_allocated_mb\"]:.0f} MB (est. {r[\"memory_estimate_mb\"]:.0f})")'; }
+summary() { python3 benches/bench_summary.py; }
 
 # Packed short rows (4k documents) mixed with long rows vs long rows alone, 1B at 16k, 4 rows.
 for share in 0 0.5; do

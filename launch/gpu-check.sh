@@ -116,7 +116,7 @@ grep -o "f32 on CUDA with train.seq_len = 8192[^;]*" "$work/f32.txt"
 step "5. one benchmark: LLaMA-3.2-1B shape, 16k tokens, bf16, layer checkpointing"
 "$bin/longmix" bench --preset llama3.2-1b --device cuda --dtype bf16 --seq-len 16384 --checkpoint-layers \
   --steps 2 --warmup 1 --json "$out/bench-1b-16k.json" >/dev/null
-python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(f"{r[\"model\"]} {r[\"seq_len\"]} tokens: {r[\"tokens_per_s\"]:.0f} tok/s, MFU {r[\"mfu\"] or 0:.1%}, peak {r[\"cuda_peak_allocated_mb\"]:.0f} MB (estimate {r[\"memory_estimate_mb\"]:.0f} MB)")' "$out/bench-1b-16k.json"
+python3 benches/bench_summary.py "$out/bench-1b-16k.json"
 
 echo
 echo "gpu-check: all CUDA checks passed"

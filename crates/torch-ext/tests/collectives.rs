@@ -31,7 +31,7 @@ fn three_processes_reduce_broadcast_and_share_a_store() {
         let out = k.wait_with_output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "rank {r} failed: {text}");
-        assert!(text.contains(&format!("ok rank {r} of 3")), "{text}");
+        assert!(text.contains(&format!("ok rank {r} of 3")) && text.contains("shut down"), "{text}");
     }
 }
 
