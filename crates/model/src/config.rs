@@ -1,4 +1,5 @@
-//! `config.json` of a Hugging Face LLaMA or Phi-3 checkpoint, resolved into one [`ModelConfig`].
+//! `config.json` of a Hugging Face LLaMA, Mistral, Phi-3, Qwen2 or Qwen3 checkpoint, resolved into
+//! one [`ModelConfig`] the way each family's transformers config class reads it.
 //!
 //! RoPE parameters are resolved the way transformers 5 does it
 //! (`modeling_rope_utils.py::convert_rope_params_to_dict` / `standardize_rope_params`):
@@ -16,12 +17,32 @@ use serde_json::{Map, Value};
 
 use crate::rope::{RopeConfig, RopeScaling};
 
-/// The decoder family. Both are the same pre-norm decoder; Phi-3 fuses q/k/v into `qkv_proj`
-/// and gate/up into `gate_up_proj`.
+/// The decoder family. All are the same pre-norm decoder; Phi-3 fuses q/k/v into `qkv_proj`
+/// and gate/up into `gate_up_proj`, Qwen2 has biases on q/k/v (not on o), Qwen3 normalises each
+/// query and key head before RoPE. Mistral runs as LLaMA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
     Llama,
     Phi3,
+    Qwen2,
+    Qwen3,
+}
+
+/// The supported `architectures` classes, the `model_type` that names the same family, and the
+/// decoder each runs. The one list an unsupported checkpoint's error shows.
+const FAMILIES: &[(&str, &str, Architecture)] = &[
+    ("LlamaForCausalLM", "llama", Architecture::Llama),
+    ("MistralForCausalLM", "mistral", Architecture::Llama),
+    ("Phi3ForCausalLM", "phi3", Architecture::Phi3),
+    ("Qwen2ForCausalLM", "qwen2", Architecture::Qwen2),
+    ("Qwen3ForCausalLM", "qwen3", Architecture::Qwen3),
+];
+
+/// A supported family: its transformers class name and its decoder.
+#[derive(Debug, Clone, Copy)]
+struct Family {
+    class: &'static str,
+    arch: Architecture,
 }
 
 /// Everything the model needs, resolved and validated.
@@ -38,8 +59,13 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     pub max_position_embeddings: i64,
     pub tie_word_embeddings: bool,
+    /// Biases on q/k/v.
     pub attention_bias: bool,
+    /// A bias on o (LLaMA with `attention_bias`, Qwen3 with `attention_bias`; never Qwen2).
+    pub o_proj_bias: bool,
     pub mlp_bias: bool,
+    /// Per-head RMSNorm of queries and keys before RoPE (Qwen3's `q_norm` / `k_norm`).
+    pub qk_norm: bool,
     /// Keys may attend to queries at most `sliding_window - 1` positions back (HF semantics:
     /// `kv_idx > q_idx - sliding_window`).
     pub sliding_window: Option<i64>,
@@ -79,8 +105,6 @@ struct RawConfig {
     #[serde(default)]
     mlp_bias: Option<bool>,
     #[serde(default)]
-    sliding_window: Option<i64>,
-    #[serde(default)]
     hidden_act: Option<String>,
     #[serde(default)]
     rope_theta: Option<f64>,
@@ -109,20 +133,26 @@ impl ModelConfig {
     pub fn from_json_str(text: &str) -> Result<Self> {
         let raw: Map<String, Value> = serde_json::from_str(text).context("config.json is not a JSON object")?;
         let c: RawConfig = serde_json::from_value(Value::Object(raw.clone()))
-            .context("config.json lacks a field every LLaMA/Phi-3 config has")?;
-        let arch = detect_arch(&c.architectures, c.model_type.as_deref())?;
+            .context("config.json lacks a field every supported decoder config has")?;
+        let family = detect_family(&c.architectures, c.model_type.as_deref())?;
+        let arch = family.arch;
         if let Some(act) = &c.hidden_act {
             if act != "silu" {
-                bail!("hidden_act {act:?} is not supported: LLaMA and Phi-3 checkpoints use \"silu\"");
+                bail!("hidden_act {act:?} is not supported: the supported families use \"silu\"");
             }
         }
         let default_original = match arch {
             // Phi3Config declares the field with default 4096, so transformers always uses it.
             Architecture::Phi3 => Some(c.original_max_position_embeddings.unwrap_or(4096)),
-            Architecture::Llama => c.original_max_position_embeddings,
+            _ => c.original_max_position_embeddings,
         };
         let max_pos = c.max_position_embeddings.unwrap_or(2048);
-        let head_dim = c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads);
+        // Qwen3Config declares head_dim with default 128; the others derive it from the width.
+        let default_head_dim = match arch {
+            Architecture::Qwen3 => 128,
+            _ => c.hidden_size / c.num_attention_heads,
+        };
+        let head_dim = c.head_dim.unwrap_or(default_head_dim);
         let num_kv = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
         if c.num_attention_heads % num_kv != 0 {
             bail!(
@@ -138,6 +168,7 @@ impl ModelConfig {
             max_pos,
             default_original,
         )?;
+        let flags = LayerFlags::of(family, &c);
         Ok(ModelConfig {
             arch,
             vocab_size: c.vocab_size,
@@ -150,9 +181,11 @@ impl ModelConfig {
             rms_norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
             max_position_embeddings: max_pos,
             tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
-            attention_bias: c.attention_bias.unwrap_or(false),
-            mlp_bias: c.mlp_bias.unwrap_or(false),
-            sliding_window: c.sliding_window,
+            attention_bias: flags.qkv_bias,
+            o_proj_bias: flags.o_bias,
+            mlp_bias: flags.mlp_bias,
+            qk_norm: flags.qk_norm,
+            sliding_window: sliding_window(family, &raw, c.num_hidden_layers)?,
             rope,
             bos_token_id: first_id(c.bos_token_id.as_ref()),
             eos_token_id: first_id(c.eos_token_id.as_ref()),
@@ -165,8 +198,14 @@ impl ModelConfig {
         let (h, v) = (self.hidden_size as f64, self.vocab_size as f64);
         let (q, kv) =
             ((self.num_attention_heads * self.head_dim) as f64, (self.num_key_value_heads * self.head_dim) as f64);
-        let attn = h * (q + 2.0 * kv) + q * h + if self.attention_bias { q + 2.0 * kv } else { 0.0 };
-        let mlp = 3.0 * h * self.intermediate_size as f64;
+        let bias = |on: bool, n: f64| if on { n } else { 0.0 };
+        let attn = h * (q + 2.0 * kv)
+            + q * h
+            + bias(self.attention_bias, q + 2.0 * kv)
+            + bias(self.o_proj_bias, h)
+            + bias(self.qk_norm, 2.0 * self.head_dim as f64);
+        let i = self.intermediate_size as f64;
+        let mlp = 3.0 * h * i + bias(self.mlp_bias, 2.0 * i + h);
         let layer = attn + mlp + 2.0 * h;
         let head = if self.tie_word_embeddings { 0.0 } else { v * h };
         v * h + self.num_hidden_layers as f64 * layer + h + head
@@ -192,23 +231,112 @@ impl ModelConfig {
     }
 }
 
-fn detect_arch(architectures: &[String], model_type: Option<&str>) -> Result<Architecture> {
-    let by_class = architectures.iter().find_map(|a| match a.as_str() {
-        "LlamaForCausalLM" | "MistralForCausalLM" => Some(Architecture::Llama),
-        "Phi3ForCausalLM" => Some(Architecture::Phi3),
-        _ => None,
-    });
-    let by_type = match model_type {
-        Some("llama") => Some(Architecture::Llama),
-        Some("phi3") => Some(Architecture::Phi3),
-        _ => None,
-    };
-    by_class.or(by_type).ok_or_else(|| {
+fn detect_family(architectures: &[String], model_type: Option<&str>) -> Result<Family> {
+    let by_class = architectures.iter().find_map(|a| FAMILIES.iter().find(|f| f.0 == a.as_str()));
+    let by_type = || FAMILIES.iter().find(|f| Some(f.1) == model_type);
+    let (class, _, arch) = by_class.or_else(by_type).ok_or_else(|| {
+        let supported: Vec<String> = FAMILIES.iter().map(|(c, t, _)| format!("{c} (model_type {t:?})")).collect();
         anyhow::anyhow!(
             "unsupported architecture (architectures = {architectures:?}, model_type = {model_type:?}): \
-             longmix supports LlamaForCausalLM (model_type \"llama\") and Phi3ForCausalLM (model_type \"phi3\")"
+             longmix supports {}; set \"architectures\" to the class this checkpoint was trained as",
+            supported.join(", ")
         )
-    })
+    })?;
+    Ok(Family { class, arch: *arch })
+}
+
+/// Which projections a family builds with biases, and whether it normalises q/k heads: what each
+/// transformers class does with (or without) the `attention_bias` / `mlp_bias` keys.
+struct LayerFlags {
+    qkv_bias: bool,
+    o_bias: bool,
+    mlp_bias: bool,
+    qk_norm: bool,
+}
+
+impl LayerFlags {
+    fn of(family: Family, c: &RawConfig) -> LayerFlags {
+        let attention_bias = c.attention_bias.unwrap_or(false);
+        let none = LayerFlags { qkv_bias: false, o_bias: false, mlp_bias: false, qk_norm: false };
+        match (family.arch, family.class) {
+            // MistralForCausalLM builds every projection without a bias, whatever the config says.
+            (Architecture::Llama, "MistralForCausalLM") | (Architecture::Phi3, _) => none,
+            (Architecture::Llama, _) => LayerFlags {
+                qkv_bias: attention_bias,
+                o_bias: attention_bias,
+                mlp_bias: c.mlp_bias.unwrap_or(false),
+                qk_norm: false,
+            },
+            // Qwen2Attention: q/k/v always biased, o never (the config has no key for it).
+            (Architecture::Qwen2, _) => LayerFlags { qkv_bias: true, ..none },
+            (Architecture::Qwen3, _) => {
+                LayerFlags { qkv_bias: attention_bias, o_bias: attention_bias, qk_norm: true, ..none }
+            }
+        }
+    }
+}
+
+/// `sliding_window`, or when the key is absent the class's default (MistralConfig, Qwen2Config
+/// and Qwen3Config declare 4096; LLaMA and Phi-3 none). A JSON null is no window.
+fn declared_window(family: Family, raw: &Map<String, Value>) -> Result<Option<i64>> {
+    let default = match family.arch {
+        Architecture::Qwen2 | Architecture::Qwen3 => Some(4096),
+        Architecture::Llama if family.class == "MistralForCausalLM" => Some(4096),
+        _ => None,
+    };
+    match raw.get("sliding_window") {
+        None => Ok(default),
+        Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_i64() {
+            Some(w) if w >= 1 => Ok(Some(w)),
+            _ => bail!("sliding_window = {v} must be a positive integer or null (no window)"),
+        },
+    }
+}
+
+/// The window every layer applies, read as the family's transformers class reads it. Qwen2 and
+/// Qwen3 slide only with `use_sliding_window = true`, and then only in the layers `layer_types`
+/// marks `"sliding_attention"` (by default those from `max_window_layers` on); longmix applies
+/// one pattern to every layer, so a checkpoint that mixes windowed and full layers is refused.
+fn sliding_window(family: Family, raw: &Map<String, Value>, layers: i64) -> Result<Option<i64>> {
+    let window = declared_window(family, raw)?;
+    if !matches!(family.arch, Architecture::Qwen2 | Architecture::Qwen3) {
+        return Ok(window);
+    }
+    let on = match raw.get("use_sliding_window") {
+        None | Some(Value::Null) => false,
+        Some(v) => v.as_bool().ok_or_else(|| anyhow::anyhow!("use_sliding_window = {v} must be true or false"))?,
+    };
+    let Some(w) = window.filter(|_| on) else { return Ok(None) };
+    let sliding: Vec<bool> = match raw.get("layer_types") {
+        Some(Value::Array(types)) => types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("sliding_attention") => Ok(true),
+                Some("full_attention") => Ok(false),
+                _ => bail!("layer_types holds {t}: use \"full_attention\" or \"sliding_attention\""),
+            })
+            .collect::<Result<_>>()?,
+        _ => {
+            let first = raw.get("max_window_layers").and_then(Value::as_i64).unwrap_or(28);
+            (0..layers).map(|i| i >= first).collect()
+        }
+    };
+    if sliding.len() as i64 != layers {
+        bail!("layer_types has {} entries but num_hidden_layers is {layers}: give one per layer", sliding.len());
+    }
+    match sliding.iter().filter(|s| **s).count() as i64 {
+        0 => Ok(None),
+        n if n == layers => Ok(Some(w)),
+        n => bail!(
+            "use_sliding_window = true with sliding_window = {w} and max_window_layers = {} gives a \
+             {w}-token window to {n} of {layers} layers and full attention to the others: per-layer windows \
+             are not supported (longmix applies one attention pattern to every layer). The published {} \
+             checkpoints set use_sliding_window = false; train a checkpoint whose layers all attend alike",
+            raw.get("max_window_layers").map_or("28 (default)".to_string(), Value::to_string),
+            family.class
+        ),
+    }
 }
 
 fn first_id(v: Option<&Value>) -> Option<i64> {

@@ -4,8 +4,10 @@
 //!   `{"format": "pt"}`) plus `model.safetensors.index.json`; a tied LM head is not written.
 //! * `config.json`: the source config with the RoPE section rewritten for the extended window
 //!   (`max_position_embeddings = L`, `original_max_position_embeddings = L0`, a `longrope`
-//!   `rope_scaling` and the same dict as transformers-5 `rope_parameters`, `sliding_window` as
-//!   the extension leaves it, `null` when dropped); every other key kept.
+//!   `rope_scaling` and the same dict as transformers-5 `rope_parameters`); `sliding_window` as
+//!   the extension leaves it (`null` when dropped), and for Qwen2 / Qwen3 the window keys
+//!   (`use_sliding_window`, `layer_types`) state the attention the model runs; every other key
+//!   kept, the `architectures` class name included.
 //! * Tokenizer and generation files copied from the source folder.
 //!
 //! Everything is written to `<out>.partial` and renamed into place at the end.
@@ -19,7 +21,7 @@ use safetensors::Dtype;
 use serde_json::{json, Map, Value};
 use tch::{nn, Kind, Tensor};
 
-use crate::config::ModelConfig;
+use crate::config::{Architecture, ModelConfig};
 use crate::extension::Extension;
 
 #[derive(Debug, Clone)]
@@ -58,6 +60,8 @@ pub fn exported_config(config: &ModelConfig, dtype_name: &str, rope: Option<&Ext
     let mut c = config.raw.clone();
     c.insert("torch_dtype".into(), json!(dtype_name));
     c.insert("dtype".into(), json!(dtype_name));
+    // The window the exported model runs: what the extension leaves of the model's own.
+    let window = rope.map_or(config.sliding_window, |r| r.sliding_window(config.sliding_window));
     if let Some(r) = rope {
         r.check(&config.rope).context("the extension to export")?;
         c.insert("max_position_embeddings".into(), json!(r.target_length));
@@ -83,10 +87,32 @@ pub fn exported_config(config: &ModelConfig, dtype_name: &str, rope: Option<&Ext
         c.insert("rope_parameters".into(), params);
         c.insert("rope_theta".into(), json!(config.rope.theta));
         if c.contains_key("sliding_window") {
-            c.insert("sliding_window".into(), json!(r.sliding_window(config.sliding_window)));
+            c.insert("sliding_window".into(), json!(window));
         }
     }
+    write_qwen_window(config, window, &mut c);
     Ok(c)
+}
+
+/// Qwen2Config / Qwen3Config slide a window only with `use_sliding_window = true`, and then in
+/// the layers of `layer_types` (derived from `max_window_layers` when absent): state the one
+/// pattern the model runs, no window or the same window in every layer.
+fn write_qwen_window(config: &ModelConfig, window: Option<i64>, c: &mut Map<String, Value>) {
+    if !matches!(config.arch, Architecture::Qwen2 | Architecture::Qwen3) {
+        return;
+    }
+    c.insert("use_sliding_window".into(), json!(window.is_some()));
+    let layer_type = match window {
+        Some(w) => {
+            c.insert("sliding_window".into(), json!(w));
+            c.insert("max_window_layers".into(), json!(0));
+            "sliding_attention"
+        }
+        None => "full_attention",
+    };
+    if c.contains_key("layer_types") {
+        c.insert("layer_types".into(), json!(vec![layer_type; config.num_hidden_layers as usize]));
+    }
 }
 
 /// Export the variables of `vs` (HF names) with `config` into the new folder `out`.

@@ -1,7 +1,7 @@
-//! LLaMA and Phi-3 causal language models on LibTorch, numerically equal to Hugging Face
-//! transformers: config resolution, RoPE with every scaling (windows chosen per row), packed
-//! rows, safetensors loading, the LongRoPE extension ([`extension`]) and the LM-head loss
-//! ([`head`]).
+//! LLaMA, Mistral, Phi-3, Qwen2 and Qwen3 causal language models on LibTorch, numerically equal
+//! to Hugging Face transformers: config resolution, RoPE with every scaling (windows chosen per
+//! row), packed rows, safetensors loading, the LongRoPE extension ([`extension`]) and the LM-head
+//! loss ([`head`]).
 
 pub mod attention;
 pub mod config;

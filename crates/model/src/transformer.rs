@@ -1,8 +1,10 @@
-//! The LLaMA / Phi-3 decoder.
+//! The LLaMA / Mistral / Phi-3 / Qwen2 / Qwen3 decoder.
 //!
-//! Both families are the same pre-norm decoder (RMSNorm, rotary attention with grouped KV heads,
+//! Every family is the same pre-norm decoder (RMSNorm, rotary attention with grouped KV heads,
 //! SiLU-gated MLP). Phi-3 fuses q/k/v into one `qkv_proj` and gate/up into `gate_up_proj`, and
-//! may rotate only part of each head (`partial_rotary_factor`). Variables live in a
+//! may rotate only part of each head (`partial_rotary_factor`); Qwen2 has biases on q/k/v but
+//! not on o; Qwen3 normalises every query and key head (`q_norm`, `k_norm`) before RoPE and sets
+//! `head_dim` apart from `hidden_size / heads`. Variables live in a
 //! [`tch::nn::VarStore`] under their Hugging Face names (`model.layers.3.self_attn.q_proj.weight`),
 //! so loading and exporting need no renaming table.
 
@@ -47,6 +49,8 @@ enum QkvProj {
 #[derive(Debug)]
 struct Attention {
     qkv: QkvProj,
+    /// Qwen3's per-head RMSNorm of queries and keys (`q_norm`, `k_norm`), applied before RoPE.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     o_proj: nn::Linear,
     n_heads: i64,
     n_kv_heads: i64,
@@ -58,17 +62,21 @@ impl Attention {
         let (h, q_dim, kv_dim) =
             (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
         let qkv = match c.arch {
-            Architecture::Llama => QkvProj::Split {
+            Architecture::Llama | Architecture::Qwen2 | Architecture::Qwen3 => QkvProj::Split {
                 q: linear(&p / "q_proj", h, q_dim, c.attention_bias),
                 k: linear(&p / "k_proj", h, kv_dim, c.attention_bias),
                 v: linear(&p / "v_proj", h, kv_dim, c.attention_bias),
             },
             Architecture::Phi3 => QkvProj::Fused(linear(&p / "qkv_proj", h, q_dim + 2 * kv_dim, false)),
         };
-        let o_bias = c.arch == Architecture::Llama && c.attention_bias;
+        let qk_norm = c.qk_norm.then(|| {
+            let norm = |name: &str| RmsNorm::new(&p / name, c.head_dim, c.rms_norm_eps);
+            (norm("q_norm"), norm("k_norm"))
+        });
         Attention {
             qkv,
-            o_proj: linear(&p / "o_proj", q_dim, h, o_bias),
+            qk_norm,
+            o_proj: linear(&p / "o_proj", q_dim, h, c.o_proj_bias),
             n_heads: c.num_attention_heads,
             n_kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
@@ -82,7 +90,8 @@ impl Attention {
         self.output(&plan.attend(&q, &k, &v))
     }
 
-    /// The unrotated projections in heads layout: q `[B, H, T, D]`, k and v `[B, H_kv, T, D]`.
+    /// The unrotated projections in heads layout (q and k normalised where the family does):
+    /// q `[B, H, T, D]`, k and v `[B, H_kv, T, D]`.
     pub(crate) fn project(&self, x: &Tensor) -> (Tensor, Tensor, Tensor) {
         let (b, t) = (x.size()[0], x.size()[1]);
         let (q, k, v) = match &self.qkv {
@@ -96,7 +105,12 @@ impl Attention {
             }
         };
         let heads = |x: Tensor, n: i64| x.view([b, t, n, self.head_dim]).transpose(1, 2);
-        (heads(q, self.n_heads), heads(k, self.n_kv_heads), heads(v, self.n_kv_heads))
+        let (q, k) = (heads(q, self.n_heads), heads(k, self.n_kv_heads));
+        let (q, k) = match &self.qk_norm {
+            Some((q_norm, k_norm)) => (q_norm.forward(&q), k_norm.forward(&k)),
+            None => (q, k),
+        };
+        (q, k, heads(v, self.n_kv_heads))
     }
 
     /// The output projection of attention results `y` `[B, H, T, D]`.
@@ -116,7 +130,7 @@ impl Mlp {
     fn new(p: nn::Path, c: &ModelConfig) -> Self {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         match c.arch {
-            Architecture::Llama => Mlp::Split {
+            Architecture::Llama | Architecture::Qwen2 | Architecture::Qwen3 => Mlp::Split {
                 gate: linear(&p / "gate_proj", h, i, c.mlp_bias),
                 up: linear(&p / "up_proj", h, i, c.mlp_bias),
                 down: linear(&p / "down_proj", i, h, c.mlp_bias),
@@ -179,7 +193,8 @@ pub struct Positions {
     pub plan: Plan,
 }
 
-/// A causal language model (`LlamaForCausalLM` / `Phi3ForCausalLM`).
+/// A causal language model (`LlamaForCausalLM`, `MistralForCausalLM`, `Phi3ForCausalLM`,
+/// `Qwen2ForCausalLM`, `Qwen3ForCausalLM`).
 #[derive(Debug)]
 pub struct CausalLm {
     pub config: ModelConfig,

@@ -74,7 +74,56 @@ fn unknown_architecture() {
         c["model_type"] = "gpt2".into();
     });
     let e = load_err(tmp.path());
-    assert!(e.contains("unsupported architecture") && e.contains("LlamaForCausalLM"), "{e}");
+    assert!(e.contains("unsupported architecture") && e.contains("GPT2LMHeadModel"), "{e}");
+    for class in ["LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"] {
+        assert!(e.contains(class), "the error lists {class}: {e}");
+    }
+}
+
+fn qwen(arch: &str, extra: serde_json::Value) -> anyhow::Result<ModelConfig> {
+    let mut c = serde_json::json!({
+        "architectures": [arch], "vocab_size": 32, "hidden_size": 64, "intermediate_size": 64,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+    });
+    c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    ModelConfig::from_json_str(&c.to_string())
+}
+
+#[test]
+fn qwen_sliding_windows_are_read_as_transformers_reads_them() {
+    use serde_json::json;
+    // use_sliding_window false (the published default): sliding_window is ignored.
+    let off = qwen("Qwen2ForCausalLM", json!({"sliding_window": 8, "use_sliding_window": false})).unwrap();
+    assert_eq!(off.sliding_window, None);
+    // On, from max_window_layers = 0: every layer slides.
+    let all = json!({"sliding_window": 8, "use_sliding_window": true, "max_window_layers": 0});
+    assert_eq!(qwen("Qwen3ForCausalLM", all).unwrap().sliding_window, Some(8));
+    // On, but no layer reaches max_window_layers: no window.
+    let none = json!({"sliding_window": 8, "use_sliding_window": true, "max_window_layers": 4});
+    assert_eq!(qwen("Qwen2ForCausalLM", none).unwrap().sliding_window, None);
+    // Some layers only (layers 2 and 3 from max_window_layers = 2, or an explicit layer_types): refused.
+    let some = json!({"sliding_window": 8, "use_sliding_window": true, "max_window_layers": 2});
+    let e = format!("{:#}", qwen("Qwen2ForCausalLM", some).unwrap_err());
+    for needle in ["use_sliding_window = true", "max_window_layers = 2", "2 of 4 layers", "per-layer windows"] {
+        assert!(e.contains(needle), "{needle:?} missing: {e}");
+    }
+    let types = json!(["full_attention", "sliding_attention", "full_attention", "full_attention"]);
+    let mixed = json!({"sliding_window": 8, "use_sliding_window": true, "layer_types": types});
+    let e = format!("{:#}", qwen("Qwen3ForCausalLM", mixed).unwrap_err());
+    assert!(e.contains("1 of 4 layers") && e.contains("Qwen3ForCausalLM"), "{e}");
+}
+
+#[test]
+fn family_defaults_follow_their_config_classes() {
+    use serde_json::json;
+    // Qwen3Config declares head_dim 128 (not hidden / heads = 16); Qwen2 derives it.
+    assert_eq!(qwen("Qwen3ForCausalLM", json!({})).unwrap().head_dim, 128);
+    let q2 = qwen("Qwen2ForCausalLM", json!({"attention_bias": false})).unwrap();
+    assert_eq!((q2.head_dim, q2.attention_bias, q2.o_proj_bias, q2.qk_norm), (16, true, false, false));
+    // MistralConfig's window defaults to 4096 when the key is absent; null is no window.
+    assert_eq!(qwen("MistralForCausalLM", json!({})).unwrap().sliding_window, Some(4096));
+    let m = qwen("MistralForCausalLM", json!({"sliding_window": null, "attention_bias": true})).unwrap();
+    assert_eq!((m.sliding_window, m.attention_bias, m.arch), (None, false, longmix_model::Architecture::Llama));
 }
 
 fn config_with_rope(rope: serde_json::Value) -> String {

@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use longmix_model::{export_hf, load_model, longrope_attention_factor, ExportOptions, Extension, RopeScaling};
+use longmix_model::{
+    export_hf, load_model, longrope_attention_factor, Architecture, ExportOptions, Extension, RopeScaling,
+};
 use tch::{Device, Kind, Tensor};
 
 fn fixture(case: &str) -> PathBuf {
@@ -132,4 +134,63 @@ fn an_extension_drops_a_sliding_window_shorter_than_l() {
         assert_eq!(c["sliding_window"], want, "keep = {}", e.keep_sliding_window);
         assert_eq!(c["max_position_embeddings"], 256);
     }
+}
+
+fn exported_json(dir: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn qwen3_export_keeps_its_class_head_dim_and_qk_norms() {
+    let src = load_model(&fixture("qwen3_default"), Kind::Float, Device::Cpu).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("export");
+    // head_dim 24: 12 rotated pairs.
+    let long: Vec<f64> = (0..12).map(|i| 1.0 + i as f64 * 0.5).collect();
+    let rope = Extension {
+        target_length: 128,
+        original_length: 32,
+        short_factor: vec![1.0; 12],
+        long_factor: long.clone(),
+        attention_factor: longrope_attention_factor(4.0, 32),
+        explicit_attention_factor: false,
+        keep_sliding_window: false,
+    };
+    let opts = ExportOptions { dtype: Kind::Float, max_shard_bytes: 1 << 30, rope: Some(rope) };
+    export_hf(&src.vs, &src.model.config, None, &out, &opts).unwrap();
+    let cfg = exported_json(&out);
+    assert_eq!(cfg["architectures"], serde_json::json!(["Qwen3ForCausalLM"]));
+    assert_eq!((cfg["head_dim"].as_i64(), cfg["use_sliding_window"].as_bool()), (Some(24), Some(false)));
+    assert_eq!(cfg["rope_parameters"]["rope_type"], "longrope");
+    let back = load_model(&out, Kind::Float, Device::Cpu).unwrap();
+    let c = &back.model.config;
+    assert_eq!((c.arch, c.head_dim, c.qk_norm, c.max_position_embeddings), (Architecture::Qwen3, 24, true, 128));
+    assert!(matches!(&c.rope.scaling, RopeScaling::LongRope { long_factor, .. } if *long_factor == long));
+    let vars = back.vs.variables();
+    let name = "model.layers.1.self_attn.k_norm.weight";
+    assert!(vars[name].equal(&src.vs.variables()[name]), "{name} lost in the round trip");
+}
+
+#[test]
+fn qwen2_export_states_the_window_it_runs() {
+    // A save_pretrained config (layer_types written out, no window) given a window in every layer,
+    // then the windowed fixture with its window dropped: each export reloads as the model ran.
+    let mut windowed = load_model(&fixture("qwen2_tied_yarn"), Kind::Float, Device::Cpu).unwrap();
+    windowed.model.config.sliding_window = Some(8);
+    let mut unwindowed = load_model(&fixture("qwen2_sliding_window"), Kind::Float, Device::Cpu).unwrap();
+    assert_eq!(unwindowed.model.config.sliding_window, Some(8));
+    unwindowed.model.config.sliding_window = None;
+    let root = tempfile::tempdir().unwrap();
+    let opts = ExportOptions { dtype: Kind::Float, max_shard_bytes: 1 << 30, rope: None };
+    for (lm, name, want) in [(&windowed, "on", Some(8)), (&unwindowed, "off", None)] {
+        let out = root.path().join(name);
+        export_hf(&lm.vs, &lm.model.config, None, &out, &opts).unwrap();
+        let cfg = exported_json(&out);
+        assert_eq!(cfg["architectures"], serde_json::json!(["Qwen2ForCausalLM"]));
+        assert_eq!(cfg["use_sliding_window"].as_bool(), Some(want.is_some()), "{name}: {cfg}");
+        let back = load_model(&out, Kind::Float, Device::Cpu).unwrap();
+        assert_eq!(back.model.config.sliding_window, want, "{name}");
+    }
+    let types = exported_json(&root.path().join("on"))["layer_types"].clone();
+    assert_eq!(types, serde_json::json!(["sliding_attention", "sliding_attention"]));
 }

@@ -68,13 +68,18 @@ fn worst(errs: &[Vec<f64>]) -> f64 {
 fn cached_decoding_equals_full_recomputation() {
     // (case, prompt lengths, steps): GQA + tied, MHA + biases, Phi-3 fused + partial rotary
     // (longrope, short window), Phi-3 sliding window 8 (the window bites in prefill and decode),
-    // llama3 scaling.
+    // llama3 scaling, Qwen2 q/k/v biases, Qwen3 q/k norms with head_dim 24, Qwen2 and Mistral
+    // windows.
     for (case, lens, steps) in [
         ("llama_gqa_tied", [7usize, 12], 14usize),
         ("llama_mha_untied_bias", [12, 5], 14),
         ("phi3_longrope_partial", [7, 12], 14),
         ("phi3_sliding_window", [3, 12], 16),
         ("llama3", [9, 4], 12),
+        ("qwen2_untied", [7, 12], 14),
+        ("qwen3_default", [12, 5], 14),
+        ("qwen2_sliding_window", [3, 12], 16),
+        ("mistral_sliding_window", [12, 3], 16),
     ] {
         let lm = load(case);
         let prompts: Vec<Vec<i64>> = lens.iter().enumerate().map(|(i, &n)| tokens(i as u64, n)).collect();
@@ -91,7 +96,7 @@ fn longrope_switch_reprefills_each_row_when_it_crosses_l0() {
     // L0 = 32 (max 128). Row 0: 28-token prompt, lengths 29..38 -> crosses L0 at length 33.
     // Row 1: 20-token prompt, lengths 21..30 -> never crosses, although it sits in a cache of
     // 38 slots (left padding): the window follows the row's positions, not the cache size.
-    for case in ["phi3_longrope_partial", "llama_longrope", "phi3_longrope_v5"] {
+    for case in ["phi3_longrope_partial", "llama_longrope", "phi3_longrope_v5", "qwen3_longrope_bias"] {
         let lm = load(case);
         assert_eq!(lm.model.config.original_max_position_embeddings(), 32);
         let prompts = vec![tokens(1, 28), tokens(2, 20)];

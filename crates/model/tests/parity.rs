@@ -3,7 +3,9 @@
 //! The fixtures (`tests/fixtures/parity/`, made by `tests/fixtures/make_parity_fixtures.py`)
 //! hold each case's config, weights and transformers' logits. Every reference row was computed
 //! by running each of its documents alone through transformers, so a packed row, a batch mixing
-//! a short and a long row, and per-row window choice are all checked against that.
+//! a short and a long row, and per-row window choice are all checked against that. The families:
+//! LLaMA, Phi-3, Qwen2 (q/k/v biases, tied and untied), Qwen3 (q/k norms, head_dim apart from
+//! hidden / heads) and Mistral (run as LLaMA, with and without its sliding window).
 
 use std::path::PathBuf;
 
@@ -79,6 +81,16 @@ fn every_fixture_case_is_tested() {
         "phi3_longrope_v5",
         "phi3_sliding_window",
         "llama_packed",
+        "qwen2_untied",
+        "qwen2_tied_yarn",
+        "qwen2_longrope",
+        "qwen2_sliding_window",
+        "qwen3_default",
+        "qwen3_yarn",
+        "qwen3_longrope_bias",
+        "mistral_sliding_window",
+        "mistral_yarn",
+        "mistral_longrope",
     ];
     for c in cases() {
         assert!(tested.contains(&c.case.as_str()), "fixture case {} has no test", c.case);
@@ -139,4 +151,44 @@ fn phi3_sliding_window() {
 #[test]
 fn llama_packed() {
     check("llama_packed");
+}
+#[test]
+fn qwen2_untied() {
+    check("qwen2_untied");
+}
+#[test]
+fn qwen2_tied_yarn() {
+    check("qwen2_tied_yarn");
+}
+#[test]
+fn qwen2_longrope() {
+    check("qwen2_longrope");
+}
+#[test]
+fn qwen2_sliding_window() {
+    check("qwen2_sliding_window");
+}
+#[test]
+fn qwen3_default() {
+    check("qwen3_default");
+}
+#[test]
+fn qwen3_yarn() {
+    check("qwen3_yarn");
+}
+#[test]
+fn qwen3_longrope_bias() {
+    check("qwen3_longrope_bias");
+}
+#[test]
+fn mistral_sliding_window() {
+    check("mistral_sliding_window");
+}
+#[test]
+fn mistral_yarn() {
+    check("mistral_yarn");
+}
+#[test]
+fn mistral_longrope() {
+    check("mistral_longrope");
 }

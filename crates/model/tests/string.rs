@@ -129,7 +129,7 @@ fn relative_positions_follow_the_formula() {
 
 #[test]
 fn string_with_offset_beyond_the_sequence_is_plain_rope() {
-    for case in ["llama_gqa_tied", "phi3_sliding_window", "phi3_longrope_partial"] {
+    for case in ["llama_gqa_tied", "phi3_sliding_window", "phi3_longrope_partial", "qwen3_default", "qwen2_untied"] {
         let lm = load_model(&fixture(case), Kind::Float, Device::Cpu).unwrap();
         tch::manual_seed(3);
         let t = 24;

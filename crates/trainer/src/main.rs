@@ -1,4 +1,4 @@
-//! `longmix`: mixed-context-window fine-tuning of LLaMA and Phi-3 checkpoints.
+//! `longmix`: mixed-context-window fine-tuning of LLaMA, Mistral, Phi-3, Qwen2 and Qwen3 checkpoints.
 
 mod checkpoint;
 mod cmd;

@@ -11,17 +11,25 @@ fn model() -> PathBuf {
 }
 
 fn bench(extra: &[&str]) -> std::process::Output {
+    bench_model(&model(), extra)
+}
+
+fn bench_model(dir: &std::path::Path, extra: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_longmix"))
         .args(["bench", "--device", "cpu", "--threads", "1", "--steps", "2", "--warmup", "1", "--seq-len", "32"])
         .arg("--model")
-        .arg(model())
+        .arg(dir)
         .args(extra)
         .output()
         .unwrap()
 }
 
 fn report(extra: &[&str]) -> Value {
-    let out = bench(extra);
+    report_of(&model(), extra)
+}
+
+fn report_of(dir: &std::path::Path, extra: &[&str]) -> Value {
+    let out = bench_model(dir, extra);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
@@ -62,4 +70,15 @@ fn bad_flags_are_refused_with_the_fix() {
     }
     let out = Command::new(env!("CARGO_BIN_EXE_longmix")).args(["bench", "--preset", "gpt2"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown preset \"gpt2\": use one of smollm2-135m"));
+}
+
+#[test]
+fn a_qwen3_checkpoint_counts_attention_with_its_own_head_dim() {
+    // 4 heads of head_dim 24: 96 query dims against a hidden size of 64.
+    let dir = model().parent().unwrap().join("qwen3_default");
+    let whole = report_of(&dir, &["--rows", "2"]);
+    let packed = report_of(&dir, &["--rows", "2", "--packed-share", "1", "--doc-len", "8"]);
+    let drop = whole["flops_per_step"].as_f64().unwrap() - packed["flops_per_step"].as_f64().unwrap();
+    let want = 6.0 * (2.0 * 4.0 * 24.0) * 2.0 * (32.0f64.powi(2) - 4.0 * 8.0f64.powi(2));
+    assert!((drop - want).abs() < 1e-6 * want, "attention FLOPs fell by {drop}, expected {want}");
 }

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{corpus, run_ok, tiny_model, tiny_model_with};
-use longmix_model::{load_model, RopeScaling};
+use common::{corpus, run_ok, tiny_model, tiny_model_of, tiny_qwen3};
+use longmix_model::{load_model, Architecture, RopeScaling};
 use tch::{Device, Kind, Tensor};
 
 struct Run {
@@ -18,9 +18,14 @@ struct Run {
 impl Run {
     /// A model, a corpus and a config (`extra` is appended to the [train] section).
     fn new(train_extra: &str) -> Run {
+        Run::with_model(tiny_model, train_extra)
+    }
+
+    /// As [`Run::new`] with the model `make_model` writes.
+    fn with_model(make_model: fn(&Path), train_extra: &str) -> Run {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_path_buf();
-        tiny_model(&root.join("model"));
+        make_model(&root.join("model"));
         corpus(&root.join("corpus.jsonl"), 120);
         let cfg = format!(
             r#"
@@ -263,7 +268,7 @@ fn the_extension_drops_a_sliding_window_shorter_than_l() {
     let cfg = run.config();
     let text = std::fs::read_to_string(&cfg).unwrap().replace("steps = 6\n", "");
     std::fs::remove_dir_all(run.root.join("model")).unwrap();
-    tiny_model_with(
+    tiny_model_of(
         &run.root.join("model"),
         serde_json::json!({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "sliding_window": 16}),
     );
@@ -309,4 +314,42 @@ fn dry_run_prints_the_plan_and_config_errors_are_clear() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(needle), "expected an error naming {needle:?}, got:\n{err}");
     }
+}
+
+#[test]
+fn a_tiny_qwen3_trains_both_windows_and_exports_as_qwen3() {
+    // Two rows per step, one short (original RoPE) and one long (rescaled), through q/k norms and
+    // a head_dim unlike hidden / heads.
+    let run = Run::with_model(tiny_qwen3, "micro_batch_rows = 2");
+    let cfg = run.config();
+    std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("steps = 6", "steps = 3")).unwrap();
+    let plan = run.train(&["--dry-run"]);
+    assert!(plan.contains("Qwen3") && plan.contains("64 -> 256"), "{plan}");
+    run.train(&[]);
+    let steps: Vec<_> =
+        metrics(&run.root.join("ckpt/metrics.jsonl")).into_iter().filter(|v| v["event"] == "step").collect();
+    assert_eq!(steps.len(), 3);
+    for v in &steps {
+        assert_eq!((v["rows_short"].as_u64(), v["rows_long"].as_u64()), (Some(1), Some(1)), "{v}");
+        assert_eq!(v["window_mismatches"], 0, "{v}");
+        assert!(v["loss"].as_f64().unwrap().is_finite(), "{v}");
+    }
+    let ckpt = run.root.join("ckpt/step-00000002");
+    let out = run.root.join("export");
+    run_ok(&["export", "--checkpoint", ckpt.to_str().unwrap(), "--out", out.to_str().unwrap(), "--dtype", "f32"]);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(json["architectures"], serde_json::json!(["Qwen3ForCausalLM"]));
+    assert_eq!(json["rope_scaling"]["rope_type"], "longrope");
+    let back = load_model(&out, Kind::Float, Device::Cpu).unwrap();
+    let c = &back.model.config;
+    assert_eq!((c.arch, c.head_dim, c.qk_norm, c.max_position_embeddings), (Architecture::Qwen3, 24, true, 256));
+    assert!(matches!(&c.rope.scaling, RopeScaling::LongRope { long_factor, .. } if long_factor.len() == 12));
+    // The trained q/k norms are exported, and they moved during training.
+    let trained: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(ckpt.join("model.safetensors")).unwrap().into_iter().collect();
+    let name = "model.layers.0.self_attn.q_norm.weight";
+    assert!(back.vs.variables()[name].equal(&trained[name]));
+    let initial = load_model(&run.root.join("model"), Kind::Float, Device::Cpu).unwrap();
+    assert!(!initial.vs.variables()[name].equal(&trained[name]), "{name} did not train");
 }

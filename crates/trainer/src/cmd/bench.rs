@@ -30,7 +30,8 @@ pub struct Args {
     /// A Hugging Face model folder (its weights are loaded).
     #[arg(long, required_unless_present = "preset", conflicts_with = "preset")]
     pub model: Option<PathBuf>,
-    /// An architecture with random weights: smollm2-135m, llama3.2-1b, phi3-mini-4k, llama3-8b.
+    /// An architecture with random weights: smollm2-135m, llama3.2-1b, phi3-mini-4k, llama3-8b,
+    /// qwen2.5-7b, qwen3-8b.
     #[arg(long)]
     pub preset: Option<String>,
     /// Tokens per row.

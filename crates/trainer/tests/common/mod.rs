@@ -50,21 +50,34 @@ pub fn smollm2() -> PathBuf {
 /// A tiny random LLaMA (2 layers, hidden 64, L0 = 64) with SmolLM2's real tokenizer, written
 /// as a Hugging Face folder at `dir`.
 pub fn tiny_model(dir: &Path) {
-    tiny_model_with(dir, serde_json::json!({}));
+    tiny_model_of(
+        dir,
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "tie_word_embeddings": true,
+        }),
+    );
 }
 
-/// [`tiny_model`] with some config.json keys replaced (another architecture, a sliding window).
-pub fn tiny_model_with(dir: &Path, overrides: serde_json::Value) {
+/// A tiny random Qwen3 (per-head q/k norms, head_dim 24 unlike hidden / heads = 16, untied),
+/// otherwise as [`tiny_model`].
+pub fn tiny_qwen3(dir: &Path) {
+    tiny_model_of(
+        dir,
+        serde_json::json!({
+            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 24,
+            "tie_word_embeddings": false, "use_sliding_window": false, "sliding_window": null,
+        }),
+    );
+}
+
+/// A tiny random checkpoint whose config.json is the shared shape plus `family`'s keys.
+pub fn tiny_model_of(dir: &Path, family: serde_json::Value) {
     let mut cfg = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 64, "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": true, "hidden_act": "silu",
-        "bos_token_id": 1, "eos_token_id": 2,
+        "vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+        "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
     });
-    for (k, v) in overrides.as_object().expect("a JSON object") {
-        cfg[k] = v.clone();
-    }
+    cfg.as_object_mut().unwrap().extend(family.as_object().unwrap().clone());
     let config = ModelConfig::from_json_str(&cfg.to_string()).unwrap();
     let vs = nn::VarStore::new(Device::Cpu);
     let _model = CausalLm::new(&vs.root(), config.clone());
