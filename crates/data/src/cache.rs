@@ -201,6 +201,20 @@ impl TokenizerInfo {
     }
 }
 
+/// Whether every source of `config` already has its cache under `cache_dir` for the tokenizer
+/// at `tokenizer_path` (so opening a loader tokenizes nothing).
+pub fn is_built(config: &crate::DataConfig, tokenizer_path: &Path, cache_dir: &Path) -> Result<bool> {
+    let bytes = std::fs::read(tokenizer_path).with_context(|| format!("reading {}", tokenizer_path.display()))?;
+    let sha = sha256_hex(&bytes);
+    for (index, cfg) in config.sources.iter().enumerate() {
+        let key = source_key(cfg, &resolve_files(cfg, index)?, &sha);
+        if !cache_dir.join(key).join("meta.json").is_file() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Open the cache of source `index`, tokenizing it first if there is none.
 pub fn open_or_build(
     cfg: &SourceConfig,

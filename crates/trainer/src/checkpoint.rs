@@ -23,7 +23,7 @@ use longmix_data::LoaderState;
 use longmix_model::{Extension, LoadedModel};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::config::TrainConfig;
 use crate::optim::AdamW;
@@ -170,6 +170,13 @@ impl Checkpoint {
             lm.vs.variables().values().map(|t| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64).sum();
         let elements: u64 = lm.vs.variables().values().map(|t| t.numel() as u64).sum();
         weights + elements * opt.state_bytes_per_element()
+    }
+
+    /// The bytes of a checkpoint of `params` parameters computing in `kind`: the weights in
+    /// `kind`, two float32 moments, and float32 masters unless `kind` is float32.
+    pub fn size_for(params: u64, kind: Kind) -> u64 {
+        let masters = if kind == Kind::Float { 0 } else { 4 };
+        params * (kind.elt_size_in_bytes() as u64 + 8 + masters)
     }
 }
 

@@ -21,25 +21,29 @@ impl ComputeArgs {
     }
 }
 
-/// `auto` (CUDA if available), `cpu`, `cuda` or `cuda:N`.
+/// `auto` (CUDA if available), `cpu`, `cuda` or `cuda:N`, on this machine.
 pub fn parse_device(s: &str) -> Result<Device> {
+    let device = named_device(s)?;
+    if let Device::Cuda(n) = device {
+        let count = tch::Cuda::device_count() as usize;
+        if n >= count {
+            bail!("device cuda:{n} requested but this machine has {count} CUDA device(s); use --device cpu or auto");
+        }
+    }
+    Ok(device)
+}
+
+/// The device `s` names, whether or not this machine has it (a plan made on a login node).
+pub fn named_device(s: &str) -> Result<Device> {
     Ok(match s {
         "auto" => Device::cuda_if_available(),
         "cpu" => Device::Cpu,
-        "cuda" => require_cuda(0)?,
+        "cuda" => Device::Cuda(0),
         _ => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
-            Some(n) => require_cuda(n)?,
+            Some(n) => Device::Cuda(n),
             None => bail!("unknown device {s:?}: use auto, cpu, cuda or cuda:N"),
         },
     })
-}
-
-fn require_cuda(n: usize) -> Result<Device> {
-    let count = tch::Cuda::device_count() as usize;
-    if n >= count {
-        bail!("device cuda:{n} requested but this machine has {count} CUDA device(s); use --device cpu or auto");
-    }
-    Ok(Device::Cuda(n))
 }
 
 /// `f32`, `bf16` or `f16` (an export's or a fixed choice; a compute dtype may also be `auto`,

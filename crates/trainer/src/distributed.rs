@@ -14,6 +14,7 @@
 //!   `ZeroRedundancyOptimizer` does): a rank keeps AdamW state for its parameters only and
 //!   broadcasts them after its update ([`broadcast_owned`]).
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -147,7 +148,9 @@ pub struct Dist {
     pub launch: Launch,
     device: Device,
     /// Agreements held so far ([`Dist::agree`]); each names its store keys by this count.
-    agreements: std::cell::Cell<u64>,
+    agreements: Cell<u64>,
+    /// The step the collectives belong to, for their error messages ([`Dist::at_step`]).
+    step: Cell<u64>,
 }
 
 impl Dist {
@@ -187,7 +190,19 @@ impl Dist {
             )
         })?;
         pg.start_heartbeat(&format!("heartbeat/{}", launch.rank), HEARTBEAT)?;
-        Ok(Dist { pg, cfg: cfg.clone(), launch: launch.clone(), device, agreements: Default::default() })
+        Ok(Dist {
+            pg,
+            cfg: cfg.clone(),
+            launch: launch.clone(),
+            device,
+            agreements: Default::default(),
+            step: Default::default(),
+        })
+    }
+
+    /// The collectives from now on belong to `step` (their errors name it).
+    pub fn at_step(&self, step: u64) {
+        self.step.set(step);
     }
 
     /// The ranks whose `ok` was false at the end of `what`, a phase that may last as long as a
@@ -241,24 +256,25 @@ impl Dist {
     }
 
     /// Reduce `values` across ranks in place (float64, on the group's device).
-    pub fn reduce_f64(&self, values: &mut [f64], op: ReduceOp, step: u64, what: &str) -> Result<()> {
+    pub fn reduce_f64(&self, values: &mut [f64], op: ReduceOp, what: &str) -> Result<()> {
         let t = Tensor::from_slice(values).to_device(self.device);
-        self.pg.all_reduce(&t, op).map_err(|e| self.failure(step, what, e))?;
+        self.pg.all_reduce(&t, op).map_err(|e| self.failure(what, e))?;
         let out = Vec::<f64>::try_from(t.to_device(Device::Cpu))?;
         values.copy_from_slice(&out);
         Ok(())
     }
 
     /// The smallest and the largest `x` over the ranks (one all-reduce).
-    pub fn min_max(&self, x: f64, step: u64, what: &str) -> Result<(f64, f64)> {
+    pub fn min_max(&self, x: f64, what: &str) -> Result<(f64, f64)> {
         let mut v = [-x, x];
-        self.reduce_f64(&mut v, ReduceOp::Max, step, what)?;
+        self.reduce_f64(&mut v, ReduceOp::Max, what)?;
         Ok((-v[0], v[1]))
     }
 
     /// Turn a failed collective into one error naming the ranks that did not answer (those
     /// whose heartbeat stopped moving), the timeout, and what to do.
-    pub fn failure(&self, step: u64, what: &str, e: anyhow::Error) -> anyhow::Error {
+    pub fn failure(&self, what: &str, e: anyhow::Error) -> anyhow::Error {
+        let step = self.step.get();
         let quick = Duration::from_secs(2);
         let peers: Vec<usize> = (0..self.world()).filter(|&r| r != self.rank()).collect();
         let read = |r: usize| self.pg.store_get(&format!("heartbeat/{r}"), quick).ok();
@@ -286,6 +302,22 @@ impl Dist {
             self.world(),
             self.cfg.timeout_s
         )
+    }
+}
+
+impl crate::checkpoint::Team for Dist {
+    fn rank(&self) -> usize {
+        Dist::rank(self)
+    }
+    fn world(&self) -> usize {
+        Dist::world(self)
+    }
+    fn sharded_optimizer(&self) -> bool {
+        self.cfg.zero1
+    }
+    fn failed(&self, ok: bool, step: u64) -> Result<Vec<usize>> {
+        // On the store: rank 0 writes the weights and may take longer than a collective waits.
+        self.agree(ok, &format!("checkpoint of step {step}"))
     }
 }
 
@@ -432,10 +464,6 @@ impl GradSync {
             bytes += size;
         }
         GradSync { buckets, bucket_owner: owner.map(|_| bucket_owner), ready_at }
-    }
-
-    pub fn n_buckets(&self) -> usize {
-        self.buckets.len()
     }
 
     /// Start a step's reduction of `grads` (the parameters' order given to [`GradSync::new`]);

@@ -76,29 +76,10 @@ impl Metrics {
         Ok(())
     }
 
-    /// One optimizer step's line.
+    /// One optimizer step's line: the step's figures as [`StepStats`] serialises them.
     pub fn step(&mut self, s: &StepStats) -> Result<()> {
-        let mut line = json!({
-            "event": "step", "step": s.step, "loss": s.loss, "loss_short": s.loss_short, "loss_long": s.loss_long,
-            "rows_short": s.rows_short, "rows_long": s.rows_long, "window_mismatches": s.window_mismatches,
-            "lr": s.lr, "grad_norm": s.grad_norm, "tokens_per_s": s.tokens as f64 / s.seconds, "step_s": s.seconds,
-            "tokens_seen": s.tokens_seen, "peak_rss_mb": peak_rss_mb(),
-            "compute_s": s.compute_s, "comm_launch_s": s.comm_launch_s, "comm_wait_s": s.comm_wait_s,
-            "forward_s": s.phases.forward_s, "head_s": s.phases.head_s, "backward_s": s.phases.backward_s,
-            "optimizer_s": s.optimizer_s, "data_wait_s": s.data_wait_s,
-        });
-        if let Some(m) = s.cuda_memory {
-            line["cuda_peak_allocated_mb"] = json!(m.peak_allocated as f64 / 1e6);
-            line["cuda_peak_reserved_mb"] = json!(m.peak_reserved as f64 / 1e6);
-        }
-        if !s.rank_compute_s.is_empty() {
-            // Idle time of each rank: how long it waited for the slowest one's compute.
-            let idle = crate::distributed::idle(&s.rank_compute_s);
-            line["rank_compute_s"] = json!(s.rank_compute_s);
-            line["rank_wait_s"] = json!(s.rank_wait_s);
-            line["rank_idle_s"] = json!(idle);
-            line["rank_peak_rss_mb"] = json!(s.rank_peak_rss_mb);
-        }
+        let mut line = serde_json::to_value(s)?;
+        line["event"] = json!("step");
         self.write(line)
     }
 

@@ -20,6 +20,17 @@ pub struct Schedule {
 }
 
 impl Schedule {
+    /// The schedule of a run of `total_steps` steps (`optim.lr` and `[schedule]`).
+    pub fn new(cfg: &crate::config::TrainConfig, total_steps: u64) -> Schedule {
+        Schedule {
+            peak_lr: cfg.optim.lr,
+            min_lr: cfg.optim.lr * cfg.schedule.min_lr_ratio,
+            warmup_steps: cfg.schedule.warmup_steps,
+            total_steps,
+            decay: cfg.schedule.decay,
+        }
+    }
+
     /// Learning rate of optimizer step `step` (0-based: the first update uses `lr(0)`).
     pub fn lr(&self, step: u64) -> f64 {
         if step < self.warmup_steps {

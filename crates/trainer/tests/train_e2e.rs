@@ -270,7 +270,10 @@ fn the_extension_drops_a_sliding_window_shorter_than_l() {
     std::fs::remove_dir_all(run.root.join("model")).unwrap();
     tiny_model_of(
         &run.root.join("model"),
-        serde_json::json!({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "sliding_window": 16}),
+        serde_json::json!({
+            "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "sliding_window": 16,
+            "original_max_position_embeddings": 64,
+        }),
     );
     for (keep, window, note) in [(false, None, "16 < L = 256 is dropped"), (true, Some(16), "16 < L = 256 is kept")] {
         let name = if keep { "kept" } else { "dropped" };

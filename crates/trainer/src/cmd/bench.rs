@@ -1,8 +1,8 @@
 //! `longmix bench`: train a few steps of one shape and print what they cost, as JSON.
 //!
-//! The step is the trainer's: [`CausalLm::forward_backward`] with the run's memory options,
-//! the global gradient norm, and [`AdamW`] (the fused kernel where the device has one). Rows are
-//! random tokens: long rows are one document of `--seq-len` tokens, packed rows hold documents
+//! The step is the trainer's own [`StepEngine::step`] (a single process, one micro-batch of all
+//! rows): forward and backward with the run's memory options, float32 gradients, the global
+//! gradient norm and AdamW (the fused kernel where the device has one). Rows are random tokens: long rows are one document of `--seq-len` tokens, packed rows hold documents
 //! of `--doc-len` tokens back to back (positions restart at each). `benches/reference.py` runs
 //! the same shape with PyTorch + transformers and `benches/compare.py` alternates the two.
 //!
@@ -15,15 +15,16 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use longmix_model::{batch_targets, load_model, CausalLm, MemoryOptions, ModelConfig, Phases};
+use longmix_data::{Piece, Row, Window};
+use longmix_model::{load_model, next_token_targets, CausalLm, MemoryOptions, ModelConfig, IGNORE_INDEX};
 use serde_json::json;
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::device::{gpu_name, intra_op_threads, ComputeArgs};
 use crate::estimate::MemoryEstimate;
-use crate::grads::Grads;
 use crate::metrics::{peak_rss_mb, reset_peak_rss};
-use crate::optim::{self, AdamW, AdamWConfig};
+use crate::optim::AdamWConfig;
+use crate::train::{Batch, CudaPeaks, StepEngine, StepStats};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -86,31 +87,46 @@ fn known_peak_tflops(name: &str) -> Option<f64> {
         .map(|(_, p)| *p)
 }
 
-/// The rows of one step: token ids, position ids and next-token targets (`[rows, seq_len]`), and
-/// the summed squared document lengths (for the FLOP count).
-fn rows(a: &Args, vocab: i64, device: Device) -> (Tensor, Tensor, Tensor, f64) {
+/// The rows of one step (random tokens; each row's window as the model will judge it from
+/// `l0`), and their summed squared document lengths (for the FLOP count).
+fn rows(a: &Args, vocab: i64, l0: i64) -> (Vec<Row>, f64) {
     let packed = (a.packed_share * a.rows as f64).round() as i64;
     let doc = a.doc_len.clamp(1, a.seq_len);
-    let mut pos = Vec::with_capacity((a.rows * a.seq_len) as usize);
     let mut doc_len_sq = 0.0;
-    for r in 0..a.rows {
-        let len = if r < packed { doc } else { a.seq_len };
-        pos.extend((0..a.seq_len).map(|t| t % len));
-        let (full, rest) = (a.seq_len / len, a.seq_len % len);
-        doc_len_sq += full as f64 * (len as f64).powi(2) + (rest as f64).powi(2);
-    }
-    let pos = Tensor::from_slice(&pos).view([a.rows, a.seq_len]);
-    let ids = Tensor::randint(vocab, [a.rows, a.seq_len], (Kind::Int64, Device::Cpu));
-    let targets = batch_targets(&ids, &pos);
-    (ids.to_device(device), pos.to_device(device), targets.to_device(device), doc_len_sq)
+    let rows = (0..a.rows)
+        .map(|r| {
+            let len = if r < packed { doc } else { a.seq_len };
+            let position_ids: Vec<i64> = (0..a.seq_len).map(|t| t % len).collect();
+            let (full, rest) = (a.seq_len / len, a.seq_len % len);
+            doc_len_sq += full as f64 * (len as f64).powi(2) + (rest as f64).powi(2);
+            let input_ids =
+                Vec::<i64>::try_from(Tensor::randint(vocab, [a.seq_len], (Kind::Int64, Device::Cpu))).unwrap();
+            let targets = next_token_targets(&input_ids, &position_ids);
+            let pieces = std::iter::repeat_n(len as usize, full as usize)
+                .chain((rest > 0).then_some(rest as usize))
+                .map(|len| Piece { len, origin: None })
+                .collect();
+            Row {
+                n_targets: targets.iter().filter(|&&t| t != IGNORE_INDEX).count(),
+                kind: Window::of_len(len.min(a.seq_len), l0),
+                input_ids,
+                position_ids,
+                targets,
+                source_tokens: vec![],
+                pieces,
+                index: r as u64,
+                source: None,
+            }
+        })
+        .collect();
+    (rows, doc_len_sq)
 }
 
-/// One step's wall time and its split.
+/// One step's wall time (data included) and the step's own figures.
 struct StepRecord {
     step_s: f64,
     data_s: f64,
-    phases: Phases,
-    optimizer_s: f64,
+    stats: StepStats,
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -157,24 +173,16 @@ pub fn run(a: Args) -> Result<()> {
         (None, None) => unreachable!("clap requires --model or --preset"),
     };
     let c: ModelConfig = model.config.clone();
-    let mut params: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    params.sort_by(|x, y| x.0.cmp(&y.0));
-    let optim_cfg = AdamWConfig { fused: !a.reference_adamw, ..Default::default() };
-    let mut opt = AdamW::new(optim_cfg, params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), kind);
-    vs.set_kind(kind);
     let mem = MemoryOptions {
         checkpoint_layers: a.checkpoint_layers,
         loss_chunk: (a.loss_chunk > 0).then_some(a.loss_chunk),
         sync_phases: true,
     };
+    let optim_cfg = AdamWConfig { fused: !a.reference_adamw, ..Default::default() };
+    // The trainer's step: one micro-batch of every row, a single process.
+    let mut engine = StepEngine::new(&mut vs, None, optim_cfg, kind, mem, a.rows as usize);
     let tokens = a.rows * a.seq_len;
-    let estimate = MemoryEstimate::new(&c, kind, opt.memory(1.0), tokens, mem, device);
-    let sync = || {
-        if let Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
-    };
-    let grads = Grads::new(&params);
+    let estimate = MemoryEstimate::new(&c, kind, engine.opt.memory(1.0), tokens, mem, device);
     let bar = indicatif::ProgressBar::new((a.warmup + a.steps) as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("bench {bar:30} {pos}/{len} steps  {per_sec}  eta {eta}  {msg}")
@@ -185,35 +193,23 @@ pub fn run(a: Args) -> Result<()> {
     for i in 0..a.warmup + a.steps {
         if i == a.warmup {
             reset_peak_rss();
-            if let Device::Cuda(d) = device {
-                longmix_torch_ext::cuda::reset_peak(d)?;
-            }
         }
         let profiled = a.profile.as_ref().filter(|_| i + 1 == a.warmup + a.steps);
         if profiled.is_some() {
             longmix_torch_ext::profile::start(device.is_cuda())?;
         }
         let t0 = Instant::now();
-        let (ids, pos, targets, sq) = rows(&a, c.vocab_size, device);
+        let (batch, sq) = rows(&a, c.vocab_size, c.rope.original_max_position_embeddings);
         doc_len_sq = sq;
-        sync();
         let data_s = t0.elapsed().as_secs_f64();
-        grads.zero();
-        let n_targets = targets.ne(longmix_model::IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]);
-        let scale = 1.0 / n_targets.max(1) as f64;
-        let out = model.forward_backward_with(&ids, &pos, &targets, scale, mem, &mut |l| grads.fold_layer(l));
-        grads.fold_all();
-        let t_opt = Instant::now();
-        let all = grads.all();
-        let norm = optim::grad_norm(&all);
-        opt.step(1e-5, norm, &params.iter().zip(all).map(|((n, _), g)| (n.clone(), g)).collect());
-        sync();
-        let optimizer_s = t_opt.elapsed().as_secs_f64();
-        rec.push(StepRecord { step_s: t0.elapsed().as_secs_f64(), data_s, phases: out.phases, optimizer_s });
+        let step =
+            Batch { rows: &batch, step: i as u64 + 1, lr: 1e-5, stop: false, data_wait_s: data_s, tokens_seen: 0 };
+        let s = engine.step(&model, &step)?.stats;
+        rec.push(StepRecord { step_s: t0.elapsed().as_secs_f64(), data_s, stats: s.clone() });
         if let Some(path) = profiled {
             longmix_torch_ext::profile::stop(path)?;
         }
-        bar.set_message(format!("loss {:.3}", out.loss.mean()));
+        bar.set_message(format!("loss {:.3}", s.loss));
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -227,11 +223,8 @@ pub fn run(a: Args) -> Result<()> {
     };
     let peak_tflops = a.peak_tflops.or_else(|| gpu.as_deref().and_then(known_peak_tflops));
     let tflops = flops / step_s / 1e12;
-    let cuda = match device {
-        Device::Cuda(d) => Some(longmix_torch_ext::cuda::memory(d)?),
-        _ => None,
-    };
-    let mb = |b: i64| b as f64 / 1e6;
+    // Each step starts the GPU's peaks afresh: the run's peak is the largest step's.
+    let peak = |f: fn(&CudaPeaks) -> f64| measured.iter().filter_map(|r| r.stats.cuda.as_ref().map(f)).reduce(f64::max);
     let split = |f: &dyn Fn(&StepRecord) -> f64| median(measured.iter().map(f).collect());
     let report = json!({
         "tool": "longmix",
@@ -247,7 +240,7 @@ pub fn run(a: Args) -> Result<()> {
         "threads": threads,
         "checkpoint_layers": a.checkpoint_layers,
         "loss_chunk": a.loss_chunk,
-        "optimizer": if opt.is_fused() { "fused" } else { "reference" },
+        "optimizer": if engine.opt.is_fused() { "fused" } else { "reference" },
         "steps": measured.len(),
         "tokens_per_step": tokens,
         "step_s": step_s,
@@ -258,15 +251,17 @@ pub fn run(a: Args) -> Result<()> {
         "mfu": peak_tflops.map(|p| tflops / p),
         "split_s": {
             "data": split(&|r| r.data_s),
-            "forward": split(&|r| r.phases.forward_s),
-            "head": split(&|r| r.phases.head_s),
-            "backward": split(&|r| r.phases.backward_s),
-            "optimizer": split(&|r| r.optimizer_s),
+            "forward": split(&|r| r.stats.timing.forward_s),
+            "head": split(&|r| r.stats.timing.head_s),
+            "backward": split(&|r| r.stats.timing.backward_s),
+            "optimizer": split(&|r| r.stats.timing.optimizer_s),
         },
         "step_times_s": measured.iter().map(|r| r.step_s).collect::<Vec<_>>(),
+        "losses": measured.iter().map(|r| r.stats.loss).collect::<Vec<_>>(),
+        "grad_norms": measured.iter().map(|r| r.stats.grad_norm).collect::<Vec<_>>(),
         "peak_rss_mb": peak_rss_mb(),
-        "cuda_peak_allocated_mb": cuda.map(|m| mb(m.peak_allocated)),
-        "cuda_peak_reserved_mb": cuda.map(|m| mb(m.peak_reserved)),
+        "cuda_peak_allocated_mb": peak(|p| p.cuda_peak_allocated_mb),
+        "cuda_peak_reserved_mb": peak(|p| p.cuda_peak_reserved_mb),
         "memory_estimate_mb": estimate.total_bytes() / 1e6,
         "memory_estimate": estimate.to_json(),
     });

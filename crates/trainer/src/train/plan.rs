@@ -1,22 +1,100 @@
-//! `longmix train --dry-run`: the plan of a run (model, window, steps, memory, checkpoints,
-//! and for data parallelism the ranks and their estimated idle time).
+//! `longmix train --dry-run`: the plan of a run from its TOML and the model's `config.json`
+//! alone. No weights are read and no tensor is made, so whatever device the config names, a
+//! machine without it (a cluster's login node) plans an 8B run in seconds. The corpus figures
+//! and the ranks' idle estimate need the tokenization cache; the plan uses it when it is already
+//! there and says so when it is not.
 
-use longmix_data::Loader;
-use longmix_model::ModelConfig;
+use anyhow::{Context, Result};
+use longmix_data::{DataConfig, Loader};
+use longmix_model::{Extension, ModelConfig};
+use longmix_torch_ext::optim::fused_adamw_available;
+use tch::{Device, Kind};
 
-use super::Trainer;
+use super::{check_run, data_config, memory_options, resolve_extension, ParallelDims};
 use crate::checkpoint::Checkpoint;
-use crate::distributed;
-use crate::estimate::MemoryEstimate;
+use crate::config::TrainConfig;
+use crate::device::{check_training_dtype, compute_dtype, named_device};
+use crate::distributed::{self, Launch};
+use crate::estimate::{MemoryEstimate, OptimizerMemory};
 
-impl Trainer {
-    /// Estimated mean rank idle fraction over the first `steps` global steps of `loader`'s
-    /// rows, balanced and round-robin (from [`distributed::row_cost`]).
-    fn idle_estimate(&self, loader: &mut Loader, world: usize, steps: usize) -> (f64, f64) {
+/// What a dry run knows of a run before anything is loaded.
+struct RunPlan<'a> {
+    cfg: &'a TrainConfig,
+    /// The model's config as it will train (the extension applied).
+    model: ModelConfig,
+    /// The model's own sliding window, before the extension.
+    own_window: Option<i64>,
+    ext: Extension,
+    dims: ParallelDims,
+    device: Device,
+    kind: Kind,
+}
+
+/// Validate the run of `cfg` and print its plan for `world` ranks (default: the launch's).
+pub fn dry_run(cfg: &TrainConfig, launch: Option<&Launch>, world: Option<usize>) -> Result<()> {
+    if launch.is_some_and(|l| l.rank != 0) {
+        return Ok(());
+    }
+    let world = world.or(launch.map(|l| l.world_size)).unwrap_or(1);
+    let plan = RunPlan::new(cfg, world)?;
+    plan.print();
+    println!("dry run: configuration is valid");
+    Ok(())
+}
+
+impl<'a> RunPlan<'a> {
+    fn new(cfg: &'a TrainConfig, world: usize) -> Result<RunPlan<'a>> {
+        let path = cfg.model.path.join("config.json");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!("key `model.path`: cannot read {}; point it at a Hugging Face folder", path.display())
+        })?;
+        let mut model = ModelConfig::from_json_str(&text).with_context(|| format!("{}", path.display()))?;
+        let device = named_device(&cfg.model.device).context("key `model.device`")?;
+        let kind = compute_dtype(&cfg.model.dtype, device).context("key `model.dtype`")?;
+        check_training_dtype(kind, device, cfg.train.seq_len)?;
+        let dims = ParallelDims::new(world, &cfg.distributed, cfg.rows_per_step(world))?;
+        let ext = resolve_extension(cfg, &model)?;
+        let own_window = model.sliding_window;
+        ext.apply(&mut model);
+        check_run(cfg, &ext)?;
+        for (i, source) in cfg.data.sources.iter().enumerate() {
+            longmix_data::source::resolve_files(source, i).with_context(|| format!("key `data.sources[{i}]`"))?;
+        }
+        Ok(RunPlan { cfg, model, own_window, ext, dims, device, kind })
+    }
+
+    /// The peak memory of one rank.
+    fn memory(&self) -> MemoryEstimate {
+        let share = if self.dims.zero1 { 1.0 / self.dims.world() as f64 } else { 1.0 };
+        let masters = if self.kind == Kind::Float { 0 } else { 4 };
+        let opt = OptimizerMemory {
+            bytes_per_element: 8 + masters,
+            share,
+            fused: self.cfg.optim.fused && fused_adamw_available(self.device),
+        };
+        let tokens = (self.cfg.train.micro_batch_rows * self.cfg.train.seq_len) as i64;
+        MemoryEstimate::new(&self.model, self.kind, opt, tokens, memory_options(self.cfg), self.device)
+    }
+
+    /// The loader over the tokenization cache, when the cache of every source is already built
+    /// (None otherwise: building it is the real run's first job, not the plan's).
+    fn cached_loader(&self) -> Result<Option<Loader>> {
+        let tok = self.cfg.model.path.join("tokenizer.json");
+        let dcfg: DataConfig = data_config(self.cfg, &self.ext, &self.model);
+        if !tok.is_file() || !longmix_data::cache::is_built(&dcfg, &tok, &self.cfg.data.cache_dir)? {
+            return Ok(None);
+        }
+        Loader::new(dcfg, &tok, &self.cfg.data.cache_dir, 0, 1).map(Some)
+    }
+
+    /// Estimated mean rank idle fraction over the first `steps` global steps of `loader`'s rows,
+    /// balanced and round-robin (from [`distributed::row_cost`]).
+    fn idle_estimate(&self, loader: &mut Loader, steps: usize) -> (f64, f64) {
+        let world = self.dims.world();
         let mut idle = [0.0, 0.0];
         for _ in 0..steps {
             let costs: Vec<f64> = (0..self.cfg.rows_per_step(world))
-                .map(|_| distributed::row_cost(&loader.next_row(), &self.lm.model.config))
+                .map(|_| distributed::row_cost(&loader.next_row(), &self.model))
                 .collect();
             for (k, balance) in [true, false].into_iter().enumerate() {
                 let loads: Vec<f64> = distributed::assign_rows(&costs, world, balance)
@@ -30,33 +108,23 @@ impl Trainer {
         (idle[0], idle[1])
     }
 
-    pub(super) fn print_plan(&self, mut loader: Loader, world: usize) {
-        let (cfg, lm, ext) = (&self.cfg, &self.lm, &self.extension);
-        let c = &lm.model.config;
-        let params: i64 = lm.vs.variables().values().map(|t| t.numel() as i64).sum();
+    fn print(&self) {
+        let (cfg, c, ext) = (self.cfg, &self.model, &self.ext);
         let t = &cfg.train;
-        let zero1 = world > 1 && cfg.distributed.zero1;
-        let rows = cfg.rows_per_step(world);
-        // The compute dtype (the weights were cast to it in setup).
-        let kind = self.lm.model.lm_head_weight().kind();
-        let share = if zero1 { 1.0 / world as f64 } else { 1.0 };
-        let tokens = (t.micro_batch_rows * t.seq_len) as i64;
-        let est = MemoryEstimate::new(c, kind, self.opt.memory(share), tokens, self.mem, self.device);
-        let (l0, l) = (ext.original_length, ext.target_length);
+        let world = self.dims.world();
         println!("plan");
         println!(
-            "  model          {} ({:?}, {:.1}M parameters, {} layers)",
+            "  model          {} ({:?}, {:.1}M parameters, {} layers), {:?} on {:?}",
             cfg.model.path.display(),
             c.arch,
-            params as f64 / 1e6,
-            c.num_hidden_layers
+            c.n_params() / 1e6,
+            c.num_hidden_layers,
+            self.kind,
+            self.device
         );
+        let (l0, l) = (ext.original_length, ext.target_length);
         println!("  window         {l0} -> {l} (x{:.2}), attention factor {:.4}", ext.scale(), ext.attention_factor);
-        // The model's own window, as its config.json states it (the extension is applied).
-        let own = ModelConfig::from_json_str(&serde_json::Value::Object(c.raw.clone()).to_string())
-            .ok()
-            .and_then(|own| own.sliding_window);
-        if let Some(note) = ext.sliding_window_note(own) {
+        if let Some(note) = ext.sliding_window_note(self.own_window) {
             println!("  sliding window {note}");
         }
         println!(
@@ -66,41 +134,75 @@ impl Trainer {
             ext.short_factor[0],
             ext.short_factor.last().unwrap()
         );
+        let steps = cfg.total_steps(world);
+        let rows = cfg.rows_per_step(world);
         println!(
-            "  steps          {}, {rows} rows x {} tokens = {} tokens/step",
-            self.total_steps,
+            "  steps          {steps}, {rows} rows x {} tokens = {} tokens/step",
             t.seq_len,
             cfg.tokens_per_step(world)
         );
-        if world > 1 {
-            let (bal, rr) = self.idle_estimate(&mut loader, world, 16);
-            println!(
-                "  rank idle      {:.1}% with rows balanced by compute, {:.1}% round-robin (estimated, first 16 steps)",
-                bal * 100.0,
-                rr * 100.0
-            );
-        }
-        if let Some(d) = &self.dist {
-            println!(
-                "  ranks          {world} ({:?} via {}), this one on {:?}; rows balanced by compute: {}, overlap: {}, \
-                 ZeRO-1: {}, {} gradient buckets",
-                d.pg.backend,
-                d.launch.launcher,
-                self.device,
-                d.cfg.balance,
-                d.cfg.overlap,
-                d.cfg.zero1,
-                self.sync.as_ref().map_or(0, |s| s.n_buckets())
-            );
-        }
         println!(
             "  rows           {:.0}% short (documents <= {l0}), {:.0}% long",
             cfg.data.short_share * 100.0,
             (1.0 - cfg.data.short_share) * 100.0
         );
-        println!("  corpus         {} tokens in {} source(s)", loader.corpus().n_tokens(), loader.corpus().n_sources());
+        if world > 1 {
+            let d = &cfg.distributed;
+            println!(
+                "  ranks          {world} data parallel; rows balanced by compute: {}, overlap: {}, ZeRO-1: {}",
+                d.balance, d.overlap, self.dims.zero1
+            );
+        }
+        self.print_data();
+        self.print_memory();
+        let params = c.n_params() as u64;
+        println!(
+            "  checkpoints    {} every {} steps, keep {} (about {:.2} GB each)",
+            cfg.checkpoint.dir.display(),
+            cfg.checkpoint.every,
+            cfg.checkpoint.keep,
+            Checkpoint::size_for(params, self.kind) as f64 / 1e9
+        );
+        if let Some(w) = super::Checkpointer::new(&cfg.checkpoint).space_warning(params, self.kind) {
+            println!("  warning        {w}");
+        }
+    }
+
+    /// The corpus and the ranks' idle estimate, from the cache when it is there.
+    fn print_data(&self) {
+        match self.cached_loader() {
+            Ok(Some(mut loader)) => {
+                println!(
+                    "  corpus         {} tokens in {} source(s)",
+                    loader.corpus().n_tokens(),
+                    loader.corpus().n_sources()
+                );
+                if self.dims.world() > 1 {
+                    let (bal, rr) = self.idle_estimate(&mut loader, 16);
+                    println!(
+                        "  rank idle      {:.1}% with rows balanced by compute, {:.1}% round-robin (estimated, first 16 \
+                         steps)",
+                        bal * 100.0,
+                        rr * 100.0
+                    );
+                }
+            }
+            Ok(None) => println!(
+                "  corpus         not tokenized yet under {} (the run does it first); corpus size and rank idle \
+                 estimate come with the cache",
+                self.cfg.data.cache_dir.display()
+            ),
+            Err(e) => {
+                println!("  corpus         the cache under {} cannot be read: {e:#}", self.cfg.data.cache_dir.display())
+            }
+        }
+    }
+
+    fn print_memory(&self) {
+        let world = self.dims.world();
+        let est = self.memory();
         let ranks = if world > 1 {
-            format!(" per rank of {world}{}", if zero1 { " (ZeRO-1)" } else { "" })
+            format!(" per rank of {world}{}", if self.dims.zero1 { " (ZeRO-1)" } else { "" })
         } else {
             String::new()
         };
@@ -115,13 +217,6 @@ impl Trainer {
             gb(est.head),
             gb(est.optimizer),
             gb(est.runtime)
-        );
-        println!(
-            "  checkpoints    {} every {} steps, keep {} (about {:.2} GB each)",
-            cfg.checkpoint.dir.display(),
-            cfg.checkpoint.every,
-            cfg.checkpoint.keep,
-            Checkpoint::size_estimate(lm, &self.opt) as f64 / 1e9
         );
     }
 }
