@@ -317,8 +317,8 @@ impl Trainer {
             }
         }
         let loader = match &resumed {
-            Some(c) => Loader::restore(dcfg, &tok_path, &cfg.data.cache_dir, 0, 1, c.state.loader.clone())?,
-            None => Loader::new(dcfg, &tok_path, &cfg.data.cache_dir, 0, 1)?,
+            Some(c) => Loader::restore(dcfg, &tok_path, &cfg.data.cache_dir, c.state.loader.clone())?,
+            None => Loader::new(dcfg, &tok_path, &cfg.data.cache_dir)?,
         };
         let total_steps = cfg.total_steps(world);
         let eval_short = loader.eval_rows(Window::Short, cfg.eval.short_rows).unwrap_or_default();
