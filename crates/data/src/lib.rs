@@ -1,8 +1,8 @@
 //! # longmix-data — rows for mixed-context-window training
 //!
 //! Pure-Rust data pipeline (no LibTorch): corpus sources → tokenization cache → short/long
-//! rows of exactly `seq_len` tokens, mixed deterministically, resumable, sharded over
-//! data-parallel ranks, prefetched on a background thread.
+//! rows of exactly `seq_len` tokens, mixed deterministically, resumable, prefetched on a
+//! background thread.
 //!
 //! ## Contract with the model
 //! A row's documents are delimited by `position_ids` restarting at 0; tokens attend only
@@ -16,7 +16,7 @@
 //! * [`source`]: reading raw documents; [`cache`]: tokenizing each source once into
 //!   memory-mapped shards keyed by content.
 //! * [`packing`]: short and long rows; [`mixture`]: row kind by `short_share`, source by
-//!   weight; [`loader`]: [`Loader`] and [`LoaderState`] (exact resume, rank sharding);
+//!   weight; [`loader`]: [`Loader`] and [`LoaderState`] (exact resume);
 //!   [`eval`]: held-out rows; [`prefetch`]: [`Prefetcher`]; [`synthetic`]: random rows.
 //!
 //! ## `tokens` source format

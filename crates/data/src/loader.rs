@@ -1,12 +1,12 @@
-//! The loader: deterministic, resumable, data-parallel stream of training rows.
+//! The loader: deterministic, resumable stream of training rows.
 //!
 //! The global row sequence is a pure function of (config, corpus): row `g` has the kind
 //! [`crate::mixture::row_kind`]`(g)`, its source is picked by the deficit scheduler, and its
-//! documents come from that source's stream (see [`crate::packing`]). Rank `r` of `w` returns
-//! global rows `r, r+w, r+2w, …`; it plans (without materialising) the rows of the other
-//! ranks, so after each returned row its state sits at the start of the next round of `w` rows
-//! and is the same on every rank. Saving any rank's [`LoaderState`] and restoring it
-//! reproduces exactly the rows the uninterrupted loader would have produced.
+//! documents come from that source's stream (see [`crate::packing`]). The loader returns the
+//! rows in order; data-parallel ranks all read the same sequence and share out each global
+//! batch among themselves, so the data cursor is a property of the run, not of a rank. Saving
+//! a [`LoaderState`] and restoring it reproduces exactly the rows the uninterrupted loader
+//! would have produced.
 
 use crate::cache::{sha256_hex, CacheReport, TokenizerInfo};
 use crate::config::DataConfig;
@@ -29,7 +29,7 @@ pub struct LoaderState {
     /// SHA-256 of the config's row-shaping fields and of the corpus content; a state only
     /// restores into a loader with the same fingerprint.
     pub fingerprint: String,
-    /// Global index of the next row to plan (= rows produced by all ranks together).
+    /// Global index of the next row to plan (= rows produced so far).
     pub next_row: u64,
     /// Per source: cursor of its short-document stream.
     pub short: Vec<StreamCursor>,
@@ -43,6 +43,23 @@ pub struct LoaderState {
     pub long_rows: Vec<u64>,
     /// Tail tokens dropped because no short rows are produced (`short_share = 0`).
     pub dropped_tail_tokens: u64,
+}
+
+impl LoaderState {
+    /// The state of a loader at row 0 over `n_sources` sources.
+    fn start(fingerprint: String, n_sources: usize) -> LoaderState {
+        LoaderState {
+            format: STATE_FORMAT,
+            fingerprint,
+            next_row: 0,
+            short: vec![StreamCursor::default(); n_sources],
+            long: vec![StreamCursor::default(); n_sources],
+            tails: Vec::new(),
+            short_rows: vec![0; n_sources],
+            long_rows: vec![0; n_sources],
+            dropped_tail_tokens: 0,
+        }
+    }
 }
 
 /// Document and token counts of one source after the split.
@@ -63,23 +80,26 @@ pub struct SourceStats {
     pub empty_docs: usize,
 }
 
-/// The row loader of one rank.
+/// The row loader.
 pub struct Loader {
     config: DataConfig,
     corpus: Corpus,
-    rank: usize,
-    world_size: usize,
     weights: Vec<f64>,
     short: Vec<Stream>,
     long: Vec<Stream>,
     eligible_short: Vec<usize>,
     eligible_long: Vec<usize>,
     /// Held-out documents `(source, doc)` of each kind, ordered by content hash.
-    eval_short: Vec<(usize, usize)>,
-    eval_long: Vec<(usize, usize)>,
+    eval_short: Vec<DocRef>,
+    eval_long: Vec<DocRef>,
     stats: Vec<SourceStats>,
     fingerprint: String,
     state: LoaderState,
+}
+
+/// The error of a [`LoaderState`] that does not fit this corpus.
+fn inconsistent(what: &str) -> anyhow::Error {
+    anyhow::anyhow!("loader state is inconsistent with this corpus ({what}); it was not produced by this loader")
 }
 
 /// Whether a document (by its content hash) is held out.
@@ -97,13 +117,7 @@ pub fn prepare_cache(config: &DataConfig, tokenizer_path: &Path, cache_dir: &Pat
 
 impl Loader {
     /// Open the corpus (tokenizing into `cache_dir` on first use) and start at row 0.
-    pub fn new(
-        config: DataConfig,
-        tokenizer_path: &Path,
-        cache_dir: &Path,
-        rank: usize,
-        world_size: usize,
-    ) -> Result<Loader> {
+    pub fn new(config: DataConfig, tokenizer_path: &Path, cache_dir: &Path) -> Result<Loader> {
         config.validate()?;
         let tok = TokenizerInfo::load(tokenizer_path)?;
         for (name, id) in [("bos_id", config.bos_id), ("eos_id", config.eos_id), ("pad_id", config.pad_id)] {
@@ -118,147 +132,48 @@ impl Loader {
             }
         }
         let corpus = Corpus::open(&config.sources, &tok, cache_dir)?;
-        Loader::with_corpus(corpus, config, rank, world_size)
+        Loader::with_corpus(corpus, config)
     }
 
     /// [`Loader::new`], then continue from `state`.
-    pub fn restore(
-        config: DataConfig,
-        tokenizer_path: &Path,
-        cache_dir: &Path,
-        rank: usize,
-        world_size: usize,
-        state: LoaderState,
-    ) -> Result<Loader> {
-        let mut l = Loader::new(config, tokenizer_path, cache_dir, rank, world_size)?;
+    pub fn restore(config: DataConfig, tokenizer_path: &Path, cache_dir: &Path, state: LoaderState) -> Result<Loader> {
+        let mut l = Loader::new(config, tokenizer_path, cache_dir)?;
         l.set_state(state)?;
         Ok(l)
     }
 
     /// A loader over an already opened (or in-memory) corpus.
-    pub fn with_corpus(corpus: Corpus, config: DataConfig, rank: usize, world_size: usize) -> Result<Loader> {
+    pub fn with_corpus(corpus: Corpus, config: DataConfig) -> Result<Loader> {
         config.validate()?;
-        ensure!(world_size >= 1, "world_size must be at least 1");
-        ensure!(rank < world_size, "rank {rank} must be below world_size {world_size}");
         ensure!(
             corpus.n_sources() == config.sources.len(),
             "corpus has {} sources but the config lists {}",
             corpus.n_sources(),
             config.sources.len()
         );
-        let view = DocView {
-            corpus: &corpus,
-            bos: config.bos_id.filter(|_| config.add_bos),
-            eos: config.eos_id.filter(|_| config.add_eos),
-        };
+        let split = DocSplit::of(&corpus, &config);
+        split.check(&config)?;
+        split.report(&config);
+        Ok(Loader::from_split(corpus, config, split))
+    }
+
+    /// The loader at row 0, streaming the training documents of `split`.
+    fn from_split(corpus: Corpus, config: DataConfig, mut split: DocSplit) -> Loader {
         let n = corpus.n_sources();
-        let (l0, wants_long) = (config.l0, config.wants_long());
-        let mut stats = vec![SourceStats::default(); n];
-        let mut short_docs = vec![Vec::new(); n];
-        let mut long_docs = vec![Vec::new(); n];
-        let mut eval: Vec<(u64, usize, usize, usize)> = Vec::new();
-        let mut longest = 0usize;
-        for s in 0..n {
-            let shard = corpus.shard(s);
-            let st = &mut stats[s];
-            st.docs = shard.n_docs();
-            st.tokens = shard.n_tokens();
-            for d in 0..shard.n_docs() {
-                let vlen = view.vlen(s, d);
-                if vlen == 0 {
-                    st.empty_docs += 1;
-                    continue;
-                }
-                let h = shard.doc_hash(d);
-                if is_held_out(h, config.eval_fraction) {
-                    st.eval_docs += 1;
-                    st.eval_tokens += vlen as u64;
-                    eval.push((h, s, d, vlen));
-                    continue;
-                }
-                longest = longest.max(vlen);
-                if wants_long && vlen > l0 {
-                    st.long_docs += 1;
-                    st.long_tokens += vlen as u64;
-                    long_docs[s].push(d as u32);
-                } else {
-                    st.short_docs += 1;
-                    st.short_tokens += vlen as u64;
-                    short_docs[s].push(d as u32);
-                }
-            }
-        }
-        let non_empty: usize = stats.iter().map(|s| s.docs - s.empty_docs).sum();
-        if non_empty == 0 {
-            let paths: Vec<String> = config.sources.iter().map(|s| format!("\"{}\"", s.path().display())).collect();
-            bail!(
-                "the corpus is empty: the {} source(s) ({}) hold no document with any token; check the paths and `text_field`/`text_column`",
-                n,
-                paths.join(", ")
-            );
-        }
-        let train: usize = stats.iter().map(|s| s.short_docs + s.long_docs).sum();
-        if train == 0 {
-            bail!(
-                "every one of the {non_empty} documents is held out (eval_fraction = {}); lower `eval_fraction` or add documents",
-                config.eval_fraction
-            );
-        }
-        let eligible_short: Vec<usize> = (0..n).filter(|&s| !short_docs[s].is_empty()).collect();
-        let eligible_long: Vec<usize> = (0..n).filter(|&s| !long_docs[s].is_empty()).collect();
-        if config.wants_short() && eligible_short.is_empty() {
-            bail!(
-                "short_share = {} asks for short rows, but no training document has at most l0 = {l0} tokens; \
-                 add a source of shorter documents or set `short_share = 0`",
-                config.short_share
-            );
-        }
-        if wants_long && eligible_long.is_empty() {
-            bail!(
-                "short_share = {} asks for long rows, but no training document is longer than l0 = {l0} tokens (longest: {longest}); \
-                 add longer documents (e.g. `group_by` to join jsonl records, or a books source) or set `short_share = 1.0`",
-                config.short_share
-            );
-        }
-        if !config.wants_short() {
-            let unused: usize = stats.iter().map(|s| s.short_docs).sum();
-            if unused > 0 {
-                tracing::warn!(
-                    "{unused} training documents of at most l0 = {l0} tokens are unused because short_share = 0"
-                );
-            }
-        }
-        for (s, st) in stats.iter().enumerate() {
-            tracing::info!(
-                "sources[{s}]: {} docs / {} tokens; training short {} docs / {} tokens, long {} docs / {} tokens; held out {} docs / {} tokens",
-                st.docs, st.tokens, st.short_docs, st.short_tokens, st.long_docs, st.long_tokens, st.eval_docs, st.eval_tokens
-            );
-        }
-        eval.sort_by_key(|&(h, s, d, _)| (h, s, d));
-        let eval_short = eval.iter().filter(|e| e.3 <= l0).map(|e| (e.1, e.2)).collect();
-        let eval_long = eval.iter().filter(|e| e.3 > l0).map(|e| (e.1, e.2)).collect();
-        let short =
-            short_docs.into_iter().enumerate().map(|(s, d)| Stream::new(s, Window::Short, d, config.seed)).collect();
-        let long =
-            long_docs.into_iter().enumerate().map(|(s, d)| Stream::new(s, Window::Long, d, config.seed)).collect();
-        let fingerprint = fingerprint(&config, &corpus);
-        let state = LoaderState {
-            format: STATE_FORMAT,
-            fingerprint: fingerprint.clone(),
-            next_row: 0,
-            short: vec![StreamCursor::default(); n],
-            long: vec![StreamCursor::default(); n],
-            tails: Vec::new(),
-            short_rows: vec![0; n],
-            long_rows: vec![0; n],
-            dropped_tail_tokens: 0,
+        let eligible = |docs: &[Vec<u32>]| (0..n).filter(|&s| !docs[s].is_empty()).collect();
+        let (eligible_short, eligible_long) = (eligible(&split.short_docs), eligible(&split.long_docs));
+        let (eval_short, eval_long) = split.held_out_by_kind(config.l0);
+        let streams = |docs: Vec<Vec<u32>>, kind: Window| -> Vec<Stream> {
+            docs.into_iter().enumerate().map(|(s, d)| Stream::new(s, kind, d, config.seed)).collect()
         };
+        let short = streams(split.short_docs, Window::Short);
+        let long = streams(split.long_docs, Window::Long);
+        let fingerprint = fingerprint(&config, &corpus);
+        let state = LoaderState::start(fingerprint.clone(), n);
         let weights = config.sources.iter().map(|s| s.weight()).collect();
-        Ok(Loader {
+        Loader {
             config,
             corpus,
-            rank,
-            world_size,
             weights,
             short,
             long,
@@ -266,10 +181,10 @@ impl Loader {
             eligible_long,
             eval_short,
             eval_long,
-            stats,
+            stats: split.stats,
             fingerprint,
             state,
-        })
+        }
     }
 
     pub fn config(&self) -> &DataConfig {
@@ -278,14 +193,6 @@ impl Loader {
 
     pub fn corpus(&self) -> &Corpus {
         &self.corpus
-    }
-
-    pub fn rank(&self) -> usize {
-        self.rank
-    }
-
-    pub fn world_size(&self) -> usize {
-        self.world_size
     }
 
     /// What opening each source's cache did.
@@ -317,62 +224,70 @@ impl Loader {
                  BOS/EOS/pad, source weights or documents differ); restore with the config and data it was saved with, or start fresh"
             );
         }
-        let n = self.corpus.n_sources();
-        let bad = |what: &str| {
-            anyhow::anyhow!(
-                "loader state is inconsistent with this corpus ({what}); it was not produced by this loader"
-            )
-        };
-        if [state.short.len(), state.long.len(), state.short_rows.len(), state.long_rows.len()].iter().any(|&l| l != n)
-        {
-            return Err(bad("number of sources"));
-        }
-        let (bos, eos) = (self.view().bos, self.view().eos);
-        for (streams, curs) in [(&self.short, &state.short), (&self.long, &state.long)] {
-            for (st, c) in streams.iter().zip(curs) {
-                if st.len() == 0 {
-                    if c.position != 0 || c.offset != 0 {
-                        return Err(bad("cursor of an empty stream"));
-                    }
-                    continue;
-                }
-                if c.position as usize >= st.len() {
-                    return Err(bad("cursor position"));
-                }
-            }
-        }
-        for t in &state.tails {
-            let o = t.origin.as_ref().ok_or_else(|| bad("padding tail"))?;
-            if o.source >= n
-                || o.doc >= self.corpus.shard(o.source).n_docs()
-                || o.start + t.len > self.view().vlen(o.source, o.doc)
-            {
-                return Err(bad("tail"));
-            }
-        }
-        // Offsets are checked lazily against the (epoch-dependent) document under the cursor.
-        let mut check = state.clone();
-        for s in 0..n {
-            for (stream, cur) in [(&mut self.short[s], &mut check.short[s]), (&mut self.long[s], &mut check.long[s])] {
-                if stream.len() > 0 {
-                    let d = stream.doc(cur);
-                    let vlen = DocView { corpus: &self.corpus, bos, eos }.vlen(s, d);
-                    if cur.offset as usize >= vlen {
-                        return Err(bad("cursor offset"));
-                    }
-                }
-            }
-        }
+        self.check_cursors(&state)?;
+        self.check_tails(&state)?;
+        self.check_offsets(&state)?;
         self.state = state;
         Ok(())
     }
 
-    fn view(&self) -> DocView<'_> {
-        DocView {
-            corpus: &self.corpus,
-            bos: self.config.bos_id.filter(|_| self.config.add_bos),
-            eos: self.config.eos_id.filter(|_| self.config.add_eos),
+    /// Every source has its cursors, and each lies within its stream.
+    fn check_cursors(&self, state: &LoaderState) -> Result<()> {
+        let n = self.corpus.n_sources();
+        if [state.short.len(), state.long.len(), state.short_rows.len(), state.long_rows.len()].iter().any(|&l| l != n)
+        {
+            return Err(inconsistent("number of sources"));
         }
+        for (streams, curs) in [(&self.short, &state.short), (&self.long, &state.long)] {
+            for (st, c) in streams.iter().zip(curs) {
+                if st.len() == 0 {
+                    if c.position != 0 || c.offset != 0 {
+                        return Err(inconsistent("cursor of an empty stream"));
+                    }
+                    continue;
+                }
+                if c.position as usize >= st.len() {
+                    return Err(inconsistent("cursor position"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every queued tail is a piece of a document of this corpus.
+    fn check_tails(&self, state: &LoaderState) -> Result<()> {
+        let n = self.corpus.n_sources();
+        for t in &state.tails {
+            let o = t.origin.as_ref().ok_or_else(|| inconsistent("padding tail"))?;
+            if o.source >= n
+                || o.doc >= self.corpus.shard(o.source).n_docs()
+                || o.start + t.len > self.view().vlen(o.source, o.doc)
+            {
+                return Err(inconsistent("tail"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Offsets are checked lazily against the (epoch-dependent) document under the cursor.
+    fn check_offsets(&mut self, state: &LoaderState) -> Result<()> {
+        let view = doc_view(&self.corpus, &self.config);
+        let mut check = state.clone();
+        for s in 0..self.corpus.n_sources() {
+            for (stream, cur) in [(&mut self.short[s], &mut check.short[s]), (&mut self.long[s], &mut check.long[s])] {
+                if stream.len() > 0 {
+                    let d = stream.doc(cur);
+                    if cur.offset as usize >= view.vlen(s, d) {
+                        return Err(inconsistent("cursor offset"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn view(&self) -> DocView<'_> {
+        doc_view(&self.corpus, &self.config)
     }
 
     fn geometry(&self) -> Geometry {
@@ -383,11 +298,7 @@ impl Loader {
     fn plan_next(&mut self) -> (u64, usize, Vec<Piece>) {
         let g = self.geometry();
         let index = self.state.next_row;
-        let view = DocView {
-            corpus: &self.corpus,
-            bos: self.config.bos_id.filter(|_| self.config.add_bos),
-            eos: self.config.eos_id.filter(|_| self.config.add_eos),
-        };
+        let view = doc_view(&self.corpus, &self.config);
         let st = &mut self.state;
         let (source, pieces) = match row_kind(index, self.config.short_share) {
             Window::Short => {
@@ -406,22 +317,13 @@ impl Loader {
         (index, source, pieces)
     }
 
-    /// The next row of this rank.
+    /// The next row of the global sequence.
     pub fn next_row(&mut self) -> Row {
-        let w = self.world_size as u64;
-        loop {
-            let (index, source, pieces) = self.plan_next();
-            if index % w == self.rank as u64 {
-                // Skip the other ranks' rows of this round so every rank's state is the same.
-                while self.state.next_row % w != 0 {
-                    self.plan_next();
-                }
-                return materialize(&self.view(), pieces, self.config.l0, self.config.pad_token(), index, Some(source));
-            }
-        }
+        let (index, source, pieces) = self.plan_next();
+        materialize(&self.view(), pieces, self.config.l0, self.config.pad_token(), index, Some(source))
     }
 
-    /// Up to `n` held-out rows of `kind`, deterministic (independent of the seed, rank and
+    /// Up to `n` held-out rows of `kind`, deterministic (independent of the seed and the
     /// state): short rows pack held-out documents of at most `l0` tokens; long rows pack
     /// held-out documents longer than `l0` (each row starts with a piece longer than `l0`).
     /// The last row is padded; fewer than `n` rows come back when the held-out documents run
@@ -450,6 +352,146 @@ impl Loader {
         }
         Ok(crate::eval::pack_eval(&self.view(), self.geometry(), self.config.pad_token(), kind, docs, n))
     }
+}
+
+/// A document: its source and its index in that source.
+type DocRef = (usize, usize);
+
+/// A document as the split records it: content hash, source, index in its source and tokens
+/// (BOS/EOS included).
+type HeldOut = (u64, usize, usize, usize);
+
+/// The corpus split into held-out, short and long training documents, per source.
+struct DocSplit {
+    stats: Vec<SourceStats>,
+    /// Per source: training documents streamed into short rows.
+    short_docs: Vec<Vec<u32>>,
+    /// Per source: training documents longer than `l0` (only when long rows are asked for).
+    long_docs: Vec<Vec<u32>>,
+    held_out: Vec<HeldOut>,
+    /// Tokens of the longest training document.
+    longest: usize,
+}
+
+impl DocSplit {
+    /// Sort every non-empty document of `corpus` into held out, short or long.
+    fn of(corpus: &Corpus, config: &DataConfig) -> DocSplit {
+        let n = corpus.n_sources();
+        let mut split = DocSplit {
+            stats: vec![SourceStats::default(); n],
+            short_docs: vec![Vec::new(); n],
+            long_docs: vec![Vec::new(); n],
+            held_out: Vec::new(),
+            longest: 0,
+        };
+        let view = doc_view(corpus, config);
+        for s in 0..n {
+            split.add_source(&view, s, config);
+        }
+        split
+    }
+
+    fn add_source(&mut self, view: &DocView, s: usize, config: &DataConfig) {
+        let shard = view.corpus.shard(s);
+        let st = &mut self.stats[s];
+        st.docs = shard.n_docs();
+        st.tokens = shard.n_tokens();
+        for d in 0..shard.n_docs() {
+            let vlen = view.vlen(s, d);
+            if vlen == 0 {
+                st.empty_docs += 1;
+                continue;
+            }
+            let h = shard.doc_hash(d);
+            if is_held_out(h, config.eval_fraction) {
+                st.eval_docs += 1;
+                st.eval_tokens += vlen as u64;
+                self.held_out.push((h, s, d, vlen));
+                continue;
+            }
+            self.longest = self.longest.max(vlen);
+            if config.wants_long() && vlen > config.l0 {
+                st.long_docs += 1;
+                st.long_tokens += vlen as u64;
+                self.long_docs[s].push(d as u32);
+            } else {
+                st.short_docs += 1;
+                st.short_tokens += vlen as u64;
+                self.short_docs[s].push(d as u32);
+            }
+        }
+    }
+
+    /// Refuse a split that cannot feed the rows `config` asks for.
+    fn check(&self, config: &DataConfig) -> Result<()> {
+        let l0 = config.l0;
+        let non_empty: usize = self.stats.iter().map(|s| s.docs - s.empty_docs).sum();
+        if non_empty == 0 {
+            let paths: Vec<String> = config.sources.iter().map(|s| format!("\"{}\"", s.path().display())).collect();
+            bail!(
+                "the corpus is empty: the {} source(s) ({}) hold no document with any token; check the paths and `text_field`/`text_column`",
+                self.stats.len(),
+                paths.join(", ")
+            );
+        }
+        let train: usize = self.stats.iter().map(|s| s.short_docs + s.long_docs).sum();
+        if train == 0 {
+            bail!(
+                "every one of the {non_empty} documents is held out (eval_fraction = {}); lower `eval_fraction` or add documents",
+                config.eval_fraction
+            );
+        }
+        if config.wants_short() && self.short_docs.iter().all(Vec::is_empty) {
+            bail!(
+                "short_share = {} asks for short rows, but no training document has at most l0 = {l0} tokens; \
+                 add a source of shorter documents or set `short_share = 0`",
+                config.short_share
+            );
+        }
+        if config.wants_long() && self.long_docs.iter().all(Vec::is_empty) {
+            bail!(
+                "short_share = {} asks for long rows, but no training document is longer than l0 = {l0} tokens (longest: {}); \
+                 add longer documents (e.g. `group_by` to join jsonl records, or a books source) or set `short_share = 1.0`",
+                config.short_share,
+                self.longest
+            );
+        }
+        Ok(())
+    }
+
+    /// Log the split of every source, and warn about documents no row will use.
+    fn report(&self, config: &DataConfig) {
+        if !config.wants_short() {
+            let unused: usize = self.stats.iter().map(|s| s.short_docs).sum();
+            if unused > 0 {
+                tracing::warn!(
+                    "{unused} training documents of at most l0 = {} tokens are unused because short_share = 0",
+                    config.l0
+                );
+            }
+        }
+        for (s, st) in self.stats.iter().enumerate() {
+            tracing::info!(
+                "sources[{s}]: {} docs / {} tokens; training short {} docs / {} tokens, long {} docs / {} tokens; held out {} docs / {} tokens",
+                st.docs, st.tokens, st.short_docs, st.short_tokens, st.long_docs, st.long_tokens, st.eval_docs, st.eval_tokens
+            );
+        }
+    }
+
+    /// Held-out documents `(source, doc)` ordered by content hash: those of at most `l0`
+    /// tokens, then the longer ones.
+    fn held_out_by_kind(&mut self, l0: usize) -> (Vec<DocRef>, Vec<DocRef>) {
+        let eval = &mut self.held_out;
+        eval.sort_by_key(|&(h, s, d, _)| (h, s, d));
+        let eval_short = eval.iter().filter(|e| e.3 <= l0).map(|e| (e.1, e.2)).collect();
+        let eval_long = eval.iter().filter(|e| e.3 > l0).map(|e| (e.1, e.2)).collect();
+        (eval_short, eval_long)
+    }
+}
+
+/// The documents of `corpus` with the BOS/EOS `config` adds.
+fn doc_view<'a>(corpus: &'a Corpus, config: &DataConfig) -> DocView<'a> {
+    DocView { corpus, bos: config.bos_id.filter(|_| config.add_bos), eos: config.eos_id.filter(|_| config.add_eos) }
 }
 
 fn fingerprint(config: &DataConfig, corpus: &Corpus) -> String {

@@ -20,7 +20,7 @@ impl Prefetcher {
     pub fn new(mut loader: Loader, depth: usize) -> Prefetcher {
         let (tx, rx) = sync_channel(depth.max(1));
         let handle = std::thread::Builder::new()
-            .name(format!("longmix-data-prefetch-{}", loader.rank()))
+            .name("longmix-data-prefetch".into())
             .spawn(move || loop {
                 let row = loader.next_row();
                 let state = loader.state();

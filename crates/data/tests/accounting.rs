@@ -27,7 +27,7 @@ fn run_accounting(short_share: f64, eval_fraction: f64) {
     cfg.eval_fraction = eval_fraction;
     cfg.add_eos = true;
     cfg.eos_id = Some(EOS);
-    let mut l = mem_loader(&docs, cfg.clone(), 0, 1);
+    let mut l = mem_loader(&docs, cfg.clone());
     let mut rows = Vec::new();
     // run until every non-empty stream finished epochs 0 and 1, then a little more so queued
     // tails of long epoch 1 are trained too
@@ -111,7 +111,7 @@ fn long_only_drops_tails_and_counts_them() {
     let docs = vec![vec![(0..50).collect::<Vec<u32>>(); 10]];
     // 50-token docs, T = 32, l0 = 20: each doc gives a 32 piece, then 18 left (≤ l0) → tail
     let cfg = config(mem_sources(&[1.0]), 32, 20, 0.0);
-    let mut l = mem_loader(&docs, cfg.clone(), 0, 1);
+    let mut l = mem_loader(&docs, cfg.clone());
     for _ in 0..10 {
         let r = l.next_row();
         assert_eq!(r.kind, Window::Long);
@@ -129,7 +129,7 @@ fn short_share_is_honoured() {
     let docs = make_docs(1, 300, 200, 5);
     for share in [0.3, 0.05, 0.5, 0.77] {
         let cfg = config(mem_sources(&[1.0]), 96, 32, share);
-        let mut l = mem_loader(&docs, cfg, 0, 1);
+        let mut l = mem_loader(&docs, cfg);
         let n = 3000;
         let shorts = (0..n).filter(|_| l.next_row().kind == Window::Short).count();
         let frac = shorts as f64 / n as f64;
@@ -145,7 +145,7 @@ fn every_window_of_rows_holds_the_share() {
     let docs = make_docs(1, 300, 200, 5);
     for share in [0.3, 0.5, 0.77] {
         let cfg = config(mem_sources(&[1.0]), 96, 32, share);
-        let mut l = mem_loader(&docs, cfg, 0, 1);
+        let mut l = mem_loader(&docs, cfg);
         let kinds: Vec<Window> = (0..600).map(|_| l.next_row().kind).collect();
         for n in 1..=40usize {
             let (lo, hi) = ((n as f64 * share).floor() as usize, (n as f64 * share).ceil() as usize);
@@ -161,7 +161,7 @@ fn every_window_of_rows_holds_the_share() {
 fn source_weights_set_row_shares() {
     let docs = make_docs(3, 200, 200, 9);
     let cfg = config(mem_sources(&[1.0, 3.0, 6.0]), 96, 32, 0.3);
-    let mut l = mem_loader(&docs, cfg, 0, 1);
+    let mut l = mem_loader(&docs, cfg);
     let mut per_source = [[0usize; 3]; 2];
     for _ in 0..2000 {
         let r = l.next_row();
@@ -188,7 +188,7 @@ fn stats_split_documents() {
     let docs = make_docs(1, 400, 100, 2);
     let mut cfg = config(mem_sources(&[1.0]), 64, 30, 0.3);
     cfg.eval_fraction = 0.2;
-    let l = Loader::with_corpus(Corpus::from_docs(&docs), cfg, 0, 1).unwrap();
+    let l = Loader::with_corpus(Corpus::from_docs(&docs), cfg).unwrap();
     let s = &l.stats()[0];
     assert_eq!(s.short_docs + s.long_docs + s.eval_docs, 400);
     assert_eq!(s.short_tokens + s.long_tokens + s.eval_tokens, s.tokens);
@@ -209,7 +209,7 @@ fn each_epoch_is_reshuffled() {
     // 40 documents of 4 tokens, two per row: the document order of each epoch
     let docs = vec![(0..40u32).map(|d| vec![d; 4]).collect::<Vec<_>>()];
     let cfg = config(mem_sources(&[1.0]), 8, 4, 1.0);
-    let mut l = mem_loader(&docs, cfg, 0, 1);
+    let mut l = mem_loader(&docs, cfg);
     let mut order: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
     for _ in 0..60 {
         for p in l.next_row().pieces {

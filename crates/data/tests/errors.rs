@@ -5,7 +5,7 @@ use longmix_data::{Corpus, DataConfig, Loader, SourceConfig};
 use std::path::Path;
 
 fn err_new(cfg: DataConfig, tok: &Path, cache: &Path) -> String {
-    format!("{:#}", Loader::new(cfg, tok, cache, 0, 1).err().expect("expected an error"))
+    format!("{:#}", Loader::new(cfg, tok, cache).err().expect("expected an error"))
 }
 
 fn jsonl(path: &Path) -> SourceConfig {
@@ -125,7 +125,7 @@ fn unknown_config_keys_are_rejected() {
 fn corpus_that_cannot_feed_a_requested_row_kind() {
     // all documents short but long rows requested
     let docs = vec![vec![vec![1u32; 10]; 20]];
-    let e = Loader::with_corpus(Corpus::from_docs(&docs), config(mem_sources(&[1.0]), 64, 16, 0.3), 0, 1)
+    let e = Loader::with_corpus(Corpus::from_docs(&docs), config(mem_sources(&[1.0]), 64, 16, 0.3))
         .err()
         .unwrap()
         .to_string();
@@ -137,7 +137,7 @@ fn corpus_that_cannot_feed_a_requested_row_kind() {
     );
     // all documents long but short rows requested
     let docs = vec![vec![vec![1u32; 100]; 20]];
-    let e = Loader::with_corpus(Corpus::from_docs(&docs), config(mem_sources(&[1.0]), 64, 16, 0.3), 0, 1)
+    let e = Loader::with_corpus(Corpus::from_docs(&docs), config(mem_sources(&[1.0]), 64, 16, 0.3))
         .err()
         .unwrap()
         .to_string();
@@ -146,14 +146,8 @@ fn corpus_that_cannot_feed_a_requested_row_kind() {
     let mut cfg = config(mem_sources(&[1.0]), 64, 16, 1.0);
     cfg.eval_fraction = 0.999_999;
     let docs = vec![vec![vec![1u32; 10], vec![2u32; 10]]];
-    let e = Loader::with_corpus(Corpus::from_docs(&docs), cfg, 0, 1).err().unwrap().to_string();
+    let e = Loader::with_corpus(Corpus::from_docs(&docs), cfg).err().unwrap().to_string();
     assert!(e.contains("held out") && e.contains("lower `eval_fraction`"), "{e}");
-    // rank outside the world
-    let e = Loader::with_corpus(Corpus::from_docs(&docs), config(mem_sources(&[1.0]), 64, 16, 1.0), 2, 2)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(e.contains("rank 2 must be below world_size 2"), "{e}");
 }
 
 #[test]
@@ -174,7 +168,7 @@ fn bad_tokenizer_and_token_ids() {
 #[test]
 fn no_held_out_rows_of_a_kind() {
     let docs = make_docs(1, 50, 100, 3);
-    let l = Loader::with_corpus(Corpus::from_docs(&docs), config(mem_sources(&[1.0]), 128, 32, 0.3), 0, 1).unwrap();
+    let l = Loader::with_corpus(Corpus::from_docs(&docs), config(mem_sources(&[1.0]), 128, 32, 0.3)).unwrap();
     let e = l.eval_rows(longmix_data::Window::Long, 2).unwrap_err().to_string();
     assert!(e.contains("no held-out document longer than l0 = 32") && e.contains("raise `eval_fraction`"), "{e}");
 }

@@ -20,7 +20,7 @@ fn short_and_long_rows_follow_the_contract() {
     cfg.bos_id = Some(BOS);
     cfg.add_eos = true;
     cfg.eos_id = Some(EOS);
-    let mut l = mem_loader(&docs, cfg.clone(), 0, 1);
+    let mut l = mem_loader(&docs, cfg.clone());
     let (mut shorts, mut longs) = (0, 0);
     for _ in 0..400 {
         let row = l.next_row();
@@ -53,7 +53,7 @@ fn document_boundaries_carry_no_target_and_bos_eos_are_placed() {
     cfg.bos_id = Some(BOS);
     cfg.add_eos = true;
     cfg.eos_id = Some(EOS);
-    let mut l = mem_loader(&docs, cfg.clone(), 0, 1);
+    let mut l = mem_loader(&docs, cfg.clone());
     let row = l.next_row();
     check_row_contract(&row, &cfg, Some(&docs));
     // three whole documents of 7 tokens: BOS x x x x x EOS
@@ -71,7 +71,7 @@ fn document_boundaries_carry_no_target_and_bos_eos_are_placed() {
 fn short_only_cuts_long_documents_at_l0() {
     let docs = vec![vec![(0..100).collect::<Vec<u32>>(), (0..37).collect()]];
     let cfg = config(mem_sources(&[1.0]), 48, 16, 1.0);
-    let mut l = mem_loader(&docs, cfg.clone(), 0, 1);
+    let mut l = mem_loader(&docs, cfg.clone());
     for _ in 0..20 {
         let row = l.next_row();
         check_row_contract(&row, &cfg, Some(&docs));

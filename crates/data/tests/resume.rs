@@ -33,12 +33,12 @@ fn take(l: &mut Loader, n: usize) -> Vec<Row> {
 #[test]
 fn same_seed_same_rows_different_seed_different_rows() {
     let (docs, cfg) = setup();
-    let a = take(&mut mem_loader(&docs, cfg.clone(), 0, 1), 60);
-    let b = take(&mut mem_loader(&docs, cfg.clone(), 0, 1), 60);
+    let a = take(&mut mem_loader(&docs, cfg.clone()), 60);
+    let b = take(&mut mem_loader(&docs, cfg.clone()), 60);
     assert_eq!(a, b);
     let mut cfg2 = cfg.clone();
     cfg2.seed = 8;
-    let c = take(&mut mem_loader(&docs, cfg2, 0, 1), 60);
+    let c = take(&mut mem_loader(&docs, cfg2), 60);
     assert_ne!(a, c);
     // different seeds differ in document order; the kind schedule is the same (it depends only
     // on the row index and short_share, so every step holds its share of each kind)
@@ -53,11 +53,11 @@ fn same_seed_same_rows_different_seed_different_rows() {
 fn resume_at_every_split_point_is_exact() {
     let (docs, cfg) = setup();
     let n = 70;
-    let mut full_loader = mem_loader(&docs, cfg.clone(), 0, 1);
+    let mut full_loader = mem_loader(&docs, cfg.clone());
     let full = take(&mut full_loader, n);
     let (mut saw_partial_long, mut saw_epoch_turn, mut saw_long_epoch_turn, mut saw_tails) =
         (false, false, false, false);
-    let mut l = mem_loader(&docs, cfg.clone(), 0, 1);
+    let mut l = mem_loader(&docs, cfg.clone());
     let mut prev_epochs = l.state();
     for k in 1..n {
         let row = l.next_row();
@@ -77,7 +77,7 @@ fn resume_at_every_split_point_is_exact() {
         let json = serde_json::to_string(&st).unwrap();
         let back: LoaderState = serde_json::from_str(&json).unwrap();
         assert_eq!(back, st);
-        let mut r = Loader::with_corpus(Corpus::from_docs(&docs), cfg.clone(), 0, 1).unwrap();
+        let mut r = Loader::with_corpus(Corpus::from_docs(&docs), cfg.clone()).unwrap();
         r.set_state(back).unwrap();
         let rest = take(&mut r, n - k);
         assert_eq!(&rest[..], &full[k..], "resume after {k} rows differs");
@@ -91,85 +91,50 @@ fn resume_at_every_split_point_is_exact() {
 #[test]
 fn take_20_save_restore_take_30_equals_take_50() {
     let (docs, cfg) = setup();
-    let fifty = take(&mut mem_loader(&docs, cfg.clone(), 0, 1), 50);
-    let mut a = mem_loader(&docs, cfg.clone(), 0, 1);
+    let fifty = take(&mut mem_loader(&docs, cfg.clone()), 50);
+    let mut a = mem_loader(&docs, cfg.clone());
     let first = take(&mut a, 20);
     let json = serde_json::to_string_pretty(&a.state()).unwrap();
     drop(a);
-    let mut b = Loader::with_corpus(Corpus::from_docs(&docs), cfg, 0, 1).unwrap();
+    let mut b = Loader::with_corpus(Corpus::from_docs(&docs), cfg).unwrap();
     b.set_state(serde_json::from_str(&json).unwrap()).unwrap();
     let rest = take(&mut b, 30);
     assert_eq!([first, rest].concat(), fifty);
 }
 
 #[test]
-fn data_parallel_ranks_partition_the_global_sequence() {
-    let (docs, cfg) = setup();
-    let world = 3;
-    let global = take(&mut mem_loader(&docs, cfg.clone(), 0, 1), 60);
-    let mut ranks: Vec<Loader> = (0..world).map(|r| mem_loader(&docs, cfg.clone(), r, world)).collect();
-    let per_rank: Vec<Vec<Row>> = ranks.iter_mut().map(|l| take(l, 20)).collect();
-    for (r, rows) in per_rank.iter().enumerate() {
-        for (i, row) in rows.iter().enumerate() {
-            assert_eq!(row.index as usize, r + i * world);
-            assert_eq!(row, &global[r + i * world], "rank {r} row {i}");
-        }
-    }
-    // the union is the single-rank sequence
-    let mut union: Vec<Row> = per_rank.concat();
-    union.sort_by_key(|r| r.index);
-    assert_eq!(union, global);
-    // every rank's state is the same after the same number of rows
-    let states: Vec<LoaderState> = ranks.iter().map(|l| l.state()).collect();
-    assert!(states.windows(2).all(|w| w[0] == w[1]));
-    assert_eq!(states[0].next_row, 60);
-    // resuming on a different world size continues the same global sequence
-    let global2 = take(&mut mem_loader(&docs, cfg.clone(), 0, 1), 80);
-    let mut two: Vec<Vec<Row>> = (0..2)
-        .map(|r| {
-            let mut l = mem_loader(&docs, cfg.clone(), r, 2);
-            l.set_state(states[0].clone()).unwrap();
-            take(&mut l, 10)
-        })
-        .collect::<Vec<_>>();
-    let mut after: Vec<Row> = two.drain(..).flatten().collect();
-    after.sort_by_key(|r| r.index);
-    assert_eq!(&after[..], &global2[60..80]);
-}
-
-#[test]
 fn prefetcher_yields_rows_with_matching_states() {
     let (docs, cfg) = setup();
-    let direct = take(&mut mem_loader(&docs, cfg.clone(), 0, 1), 40);
-    let mut p = Prefetcher::new(mem_loader(&docs, cfg.clone(), 0, 1), 4);
+    let direct = take(&mut mem_loader(&docs, cfg.clone()), 40);
+    let mut p = Prefetcher::new(mem_loader(&docs, cfg.clone()), 4);
     let got: Vec<(Row, LoaderState)> = (0..25).map(|_| p.next_row()).collect();
     for (i, (row, _)) in got.iter().enumerate() {
         assert_eq!(row, &direct[i]);
     }
     // the state that came with row 10 resumes at row 11
-    let mut l = mem_loader(&docs, cfg.clone(), 0, 1);
+    let mut l = mem_loader(&docs, cfg.clone());
     l.set_state(got[10].1.clone()).unwrap();
     assert_eq!(take(&mut l, 29), direct[11..40].to_vec());
     // dropping while the worker is blocked on a full channel must not hang
     drop(p);
-    let mut it = Prefetcher::new(mem_loader(&docs, cfg, 0, 1), 1);
+    let mut it = Prefetcher::new(mem_loader(&docs, cfg), 1);
     assert_eq!(it.next_row().0, direct[0]);
 }
 
 #[test]
 fn restoring_into_another_config_is_refused() {
     let (docs, cfg) = setup();
-    let mut a = mem_loader(&docs, cfg.clone(), 0, 1);
+    let mut a = mem_loader(&docs, cfg.clone());
     take(&mut a, 5);
     let st = a.state();
     let mut cfg2 = cfg.clone();
     cfg2.short_share = 0.5;
-    let mut b = mem_loader(&docs, cfg2, 0, 1);
+    let mut b = mem_loader(&docs, cfg2);
     let err = b.set_state(st.clone()).unwrap_err().to_string();
     assert!(err.contains("different data config or corpus"), "{err}");
     // a corpus with different content is refused too
     let mut other = docs.clone();
     other[0][0].push(1);
-    let mut c = mem_loader(&other, cfg, 0, 1);
+    let mut c = mem_loader(&other, cfg);
     assert!(c.set_state(st).is_err());
 }

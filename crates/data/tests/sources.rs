@@ -62,7 +62,7 @@ fn jsonl_group_by_builds_chapter_and_book_documents() {
     let cache = dir.path().join("cache");
     let by = |g: Option<Vec<&str>>| {
         let cfg = config(vec![jsonl(&path, g)], 1024, 1024, 1.0);
-        Loader::new(cfg, &tok, &cache, 0, 1).unwrap()
+        Loader::new(cfg, &tok, &cache).unwrap()
     };
     let mut verses = by(None);
     assert_eq!(verses.stats()[0].docs, 15);
@@ -99,12 +99,12 @@ fn text_folder_is_one_document_per_file_sorted_recursively() {
     std::fs::write(root.join("b/c.md"), "gamma é").unwrap();
     std::fs::write(root.join(".hidden"), "never").unwrap();
     let cfg = config(vec![SourceConfig::Text { path: root.clone(), weight: 1.0 }], 1024, 1024, 1.0);
-    let mut l = Loader::new(cfg, &tok, &dir.path().join("cache"), 0, 1).unwrap();
+    let mut l = Loader::new(cfg, &tok, &dir.path().join("cache")).unwrap();
     assert_eq!(l.stats()[0].docs, 3);
     assert_eq!(doc_texts(&mut l, 3), vec!["alpha", "gamma é", "zeta"]);
     // a single file is one document
     let cfg = config(vec![SourceConfig::Text { path: root.join("a.txt"), weight: 1.0 }], 64, 64, 1.0);
-    let l = Loader::new(cfg, &tok, &dir.path().join("cache"), 0, 1).unwrap();
+    let l = Loader::new(cfg, &tok, &dir.path().join("cache")).unwrap();
     assert_eq!((l.stats()[0].docs, l.stats()[0].tokens), (1, 5));
 }
 
@@ -125,7 +125,7 @@ fn tokens_source_format_round_trips() {
     let mut cfg = config(vec![SourceConfig::Tokens { path: path.clone(), weight: 1.0 }], 32, 16, 0.5);
     cfg.add_eos = true;
     cfg.eos_id = Some(EOS);
-    let mut l = Loader::new(cfg.clone(), &tok, &dir.path().join("cache"), 0, 1).unwrap();
+    let mut l = Loader::new(cfg.clone(), &tok, &dir.path().join("cache")).unwrap();
     let s = &l.stats()[0];
     assert_eq!((s.docs, s.empty_docs, s.short_docs, s.long_docs), (4, 1, 2, 1));
     let padded: Vec<Vec<Vec<u32>>> = vec![docs.clone()];
@@ -135,7 +135,7 @@ fn tokens_source_format_round_trips() {
     }
     // ids beyond the tokenizer's vocabulary are refused
     write_tokens_source(&path, &[vec![1, 99_999]]).unwrap();
-    let err = Loader::new(cfg, &tok, &dir.path().join("cache"), 0, 1).err().unwrap().to_string();
+    let err = Loader::new(cfg, &tok, &dir.path().join("cache")).err().unwrap().to_string();
     assert!(err.contains("99999") && err.contains("another tokenizer"), "{err}");
 }
 
@@ -196,20 +196,17 @@ fn parquet_file_and_hf_folder_layout() {
     std::fs::write(root.join("README.md"), "not data").unwrap();
     let src = |p: PathBuf, col: &str| SourceConfig::Parquet { path: p, text_column: col.into(), weight: 1.0 };
     let cache = dir.path().join("cache");
-    let mut l = Loader::new(config(vec![src(root.clone(), "text")], 1024, 1024, 1.0), &tok, &cache, 0, 1).unwrap();
+    let mut l = Loader::new(config(vec![src(root.clone(), "text")], 1024, 1024, 1.0), &tok, &cache).unwrap();
     assert_eq!(l.stats()[0].docs, 3, "null skipped, README ignored");
     assert_eq!(doc_texts(&mut l, 3), vec!["one", "two", "three"]);
     let l = Loader::new(
         config(vec![src(root.join("data/train-00001-of-00002.parquet"), "text")], 64, 64, 1.0),
         &tok,
         &cache,
-        0,
-        1,
     )
     .unwrap();
     assert_eq!(l.stats()[0].tokens, 5);
-    let err =
-        Loader::new(config(vec![src(root, "content")], 64, 64, 1.0), &tok, &cache, 0, 1).err().unwrap().to_string();
+    let err = Loader::new(config(vec![src(root, "content")], 64, 64, 1.0), &tok, &cache).err().unwrap().to_string();
     assert!(err.contains("no column \"content\"") && err.contains("id, text") && err.contains("text_column"), "{err}");
 }
 
@@ -221,7 +218,7 @@ fn cache_is_reused_and_invalidated_by_changes() {
     let path = dir.path().join("d.jsonl");
     std::fs::write(&path, "{\"text\":\"hello world\"}\n{\"text\":\"second\"}\n").unwrap();
     let cfg = config(vec![jsonl(&path, None)], 32, 32, 1.0);
-    let first = Loader::new(cfg.clone(), &tok, &cache, 0, 1).unwrap();
+    let first = Loader::new(cfg.clone(), &tok, &cache).unwrap();
     let r1 = first.cache_reports()[0].clone();
     assert!(r1.built);
     assert_eq!((r1.n_docs, r1.n_tokens), (2, 17));
@@ -232,7 +229,7 @@ fn cache_is_reused_and_invalidated_by_changes() {
     let meta_before = std::fs::read(r1.dir.join("meta.json")).unwrap();
     let mtime_before = std::fs::metadata(r1.dir.join("meta.json")).unwrap().modified().unwrap();
     // second open: same key, nothing rebuilt, meta.json untouched, same rows
-    let second = Loader::new(cfg.clone(), &tok, &cache, 0, 1).unwrap();
+    let second = Loader::new(cfg.clone(), &tok, &cache).unwrap();
     let r2 = second.cache_reports()[0].clone();
     assert!(!r2.built);
     assert_eq!(r2.key, r1.key);
@@ -249,10 +246,10 @@ fn cache_is_reused_and_invalidated_by_changes() {
         join: " ".into(),
         weight: 5.0,
     }];
-    assert!(!Loader::new(cfg_w, &tok, &cache, 0, 1).unwrap().cache_reports()[0].built);
+    assert!(!Loader::new(cfg_w, &tok, &cache).unwrap().cache_reports()[0].built);
     // changing the file changes the key and re-tokenizes
     std::fs::write(&path, "{\"text\":\"hello world\"}\n{\"text\":\"second\"}\n{\"text\":\"third\"}\n").unwrap();
-    let third = Loader::new(cfg.clone(), &tok, &cache, 0, 1).unwrap();
+    let third = Loader::new(cfg.clone(), &tok, &cache).unwrap();
     let r3 = third.cache_reports()[0].clone();
     assert!(r3.built);
     assert_ne!(r3.key, r1.key);
@@ -264,7 +261,7 @@ fn cache_is_reused_and_invalidated_by_changes() {
     let mut t = std::fs::read_to_string(&tok2).unwrap();
     t = t.replace("\"dropout\":null", "\"dropout\":null ");
     std::fs::write(&tok2, t).unwrap();
-    let r4 = Loader::new(cfg, &tok2, &cache, 0, 1).unwrap().cache_reports()[0].clone();
+    let r4 = Loader::new(cfg, &tok2, &cache).unwrap().cache_reports()[0].clone();
     assert!(r4.built);
     assert_ne!(r4.key, r3.key);
 }
@@ -299,15 +296,15 @@ fn restore_through_files_take_20_then_30_equals_50() {
     let path = long_corpus(dir.path());
     let cache = dir.path().join("cache");
     let cfg = long_cfg(&path);
-    let mut full = Loader::new(cfg.clone(), &tok, &cache, 0, 1).unwrap();
+    let mut full = Loader::new(cfg.clone(), &tok, &cache).unwrap();
     let fifty: Vec<_> = (0..50).map(|_| full.next_row()).collect();
-    let mut a = Loader::new(cfg.clone(), &tok, &cache, 0, 1).unwrap();
+    let mut a = Loader::new(cfg.clone(), &tok, &cache).unwrap();
     let mut rows: Vec<_> = (0..20).map(|_| a.next_row()).collect();
     let state_file = dir.path().join("state.json");
     std::fs::write(&state_file, serde_json::to_string(&a.state()).unwrap()).unwrap();
     drop(a);
     let state: LoaderState = serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
-    let mut b = Loader::restore(cfg.clone(), &tok, &cache, 0, 1, state).unwrap();
+    let mut b = Loader::restore(cfg.clone(), &tok, &cache, state).unwrap();
     rows.extend((0..30).map(|_| b.next_row()));
     assert_eq!(rows, fifty);
     assert!(rows.iter().any(|r| r.kind == Window::Long) && rows.iter().any(|r| r.kind == Window::Short));
@@ -320,7 +317,7 @@ fn held_out_rows_are_fixed_and_disjoint_from_training() {
     let path = long_corpus(dir.path());
     let cache = dir.path().join("cache");
     let cfg = long_cfg(&path);
-    let mut l = Loader::new(cfg.clone(), &tok, &cache, 0, 1).unwrap();
+    let mut l = Loader::new(cfg.clone(), &tok, &cache).unwrap();
     let short = l.eval_rows(Window::Short, 3).unwrap();
     let long = l.eval_rows(Window::Long, 3).unwrap();
     assert!(!short.is_empty() && !long.is_empty());
@@ -334,10 +331,10 @@ fn held_out_rows_are_fixed_and_disjoint_from_training() {
         assert!(r.pieces[0].len > 48);
         check_row_contract(r, &cfg, None);
     }
-    // the same rows from another seed/rank (held-out rows do not depend on them)
+    // the same rows from another seed (held-out rows do not depend on it)
     let mut cfg2 = cfg.clone();
     cfg2.seed = 99;
-    let l2 = Loader::new(cfg2, &tok, &cache, 1, 2).unwrap();
+    let l2 = Loader::new(cfg2, &tok, &cache).unwrap();
     assert_eq!(l2.eval_rows(Window::Short, 3).unwrap(), short);
     assert_eq!(l2.eval_rows(Window::Long, 3).unwrap(), long);
     // held-out documents never show up in training rows
@@ -373,7 +370,7 @@ fn prepare_cache_then_loader_reuses_it_and_jsonl_folders_skip_other_files() {
     let reports = longmix_data::prepare_cache(&cfg, &tok, &cache).unwrap();
     assert!(reports[0].built);
     assert_eq!((reports[0].n_docs, reports[0].n_tokens), (3, 5));
-    let mut l = Loader::new(cfg, &tok, &cache, 0, 1).unwrap();
+    let mut l = Loader::new(cfg, &tok, &cache).unwrap();
     assert!(!l.cache_reports()[0].built);
     assert_eq!(doc_texts(&mut l, 3), vec!["a", "aa", "bb"]);
 }

@@ -39,6 +39,174 @@ pub struct HfTokenizer {
 
 /// Builds the tokenizer files. `model_max_length` goes into `tokenizer_config.json`.
 pub fn build_tokenizer(file: &GgufFile, model_max_length: usize) -> Result<HfTokenizer> {
+    let meta = Metadata::read(file)?;
+    let added = meta.added_tokens();
+    let tokenizer_json = meta.tokenizer_json(&added)?;
+    let tokenizer_config = meta.tokenizer_config(file, &added, model_max_length)?;
+    Ok(HfTokenizer {
+        tokenizer_json,
+        tokenizer_config,
+        special_ids: SpecialTokenIds { bos: meta.bos, eos: meta.eos, pad: meta.pad },
+        n_tokens: meta.tokens.len(),
+    })
+}
+
+/// The `tokenizer.*` metadata of a GGUF file, checked for what a byte-level BPE tokenizer needs.
+struct Metadata<'a> {
+    tokens: Vec<&'a str>,
+    merges: Vec<&'a str>,
+    /// llama.cpp's type of each token ([`token_type`]).
+    types: Vec<u64>,
+    pre_tokenizer: Json,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    unk: Option<u32>,
+    pad: Option<u32>,
+    add_bos: bool,
+    add_eos: bool,
+}
+
+impl<'a> Metadata<'a> {
+    fn read(file: &'a GgufFile) -> Result<Self> {
+        check_byte_level_bpe(file)?;
+        let tokens = file.get_strings("tokenizer.ggml.tokens")?.ok_or(GgufError::MissingMetadata {
+            key: "tokenizer.ggml.tokens".into(),
+            hint: "the file carries no vocabulary; re-convert the model with llama.cpp",
+        })?;
+        let merges = file.get_strings("tokenizer.ggml.merges")?.ok_or(GgufError::MissingMetadata {
+            key: "tokenizer.ggml.merges".into(),
+            hint: "a BPE tokenizer needs its merges; re-convert the model with a current llama.cpp",
+        })?;
+        let types = token_types(file, tokens.len())?;
+        let pre = file.get_str("tokenizer.ggml.pre")?.ok_or(GgufError::MissingMetadata {
+            key: "tokenizer.ggml.pre".into(),
+            hint:
+                "without it the way text is split before BPE is unknown; re-convert the model with a current llama.cpp",
+        })?;
+        let pre_tokenizer = pre_tokenizer(pre)?;
+        let id_of = |key: &str| -> Result<Option<u32>> {
+            match file.get_u64(key)? {
+                None => Ok(None),
+                Some(id) if (id as usize) < tokens.len() => Ok(Some(id as u32)),
+                Some(id) => Err(GgufError::Inconsistent(format!(
+                    "{key} is {id}, but the vocabulary has {} tokens",
+                    tokens.len()
+                ))),
+            }
+        };
+        let bos = id_of("tokenizer.ggml.bos_token_id")?;
+        let eos = id_of("tokenizer.ggml.eos_token_id")?;
+        let unk = id_of("tokenizer.ggml.unknown_token_id")?;
+        let pad = id_of("tokenizer.ggml.padding_token_id")?;
+        let add_bos = file.get_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
+        let add_eos = file.get_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
+        Ok(Metadata { tokens, merges, types, pre_tokenizer, bos, eos, unk, pad, add_bos, add_eos })
+    }
+
+    /// The text of token `id`.
+    fn token(&self, id: Option<u32>) -> Option<&'a str> {
+        id.map(|id| self.tokens[id as usize])
+    }
+
+    /// Control tokens are special added tokens; user-defined ones are added tokens matched
+    /// whole but not special. Both keep their text as the file spells it.
+    fn added_tokens(&self) -> Vec<AddedToken<'a>> {
+        self.tokens
+            .iter()
+            .zip(&self.types)
+            .enumerate()
+            .filter(|(_, (_, &ty))| ty == token_type::CONTROL || ty == token_type::USER_DEFINED)
+            .map(|(id, (&content, &ty))| AddedToken { id: id as u32, content, special: ty == token_type::CONTROL })
+            .collect()
+    }
+
+    /// `tokenizer.json`, serialized.
+    fn tokenizer_json(&self, added: &[AddedToken<'a>]) -> Result<String> {
+        let vocab = Vocab::new(&self.tokens, &self.types)?;
+        let merges = self.bpe_merges()?;
+        let tokenizer = TokenizerJson {
+            version: "1.0",
+            truncation: None,
+            padding: None,
+            added_tokens: added,
+            normalizer: None,
+            pre_tokenizer: self.pre_tokenizer.clone(),
+            post_processor: self.post_processor()?,
+            decoder: json!({
+                "type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true,
+            }),
+            model: BpeModel {
+                kind: "BPE",
+                dropout: None,
+                unk_token: None,
+                continuing_subword_prefix: None,
+                end_of_word_suffix: None,
+                fuse_unk: false,
+                byte_fallback: false,
+                ignore_merges: false,
+                vocab,
+                merges,
+            },
+        };
+        serde_json::to_string(&tokenizer).map_err(|source| GgufError::Json { file: "tokenizer.json", source })
+    }
+
+    fn bpe_merges(&self) -> Result<Vec<(&'a str, &'a str)>> {
+        self.merges
+            .iter()
+            .map(|m| match m.split_once(' ') {
+                Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(' ') => Ok((a, b)),
+                _ => Err(GgufError::Inconsistent(format!("BPE merge {m:?} is not two tokens separated by one space"))),
+            })
+            .collect()
+    }
+
+    /// `ByteLevel`, followed by a template adding BOS and/or EOS when the file asks for them.
+    fn post_processor(&self) -> Result<Json> {
+        let byte_level_post = json!({
+            "type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true,
+        });
+        if !(self.add_bos || self.add_eos) {
+            return Ok(byte_level_post);
+        }
+        let with = |flag: bool, id: Option<u32>, what: &str| -> Result<Option<(&str, u32)>> {
+            match (flag, id) {
+                (false, _) => Ok(None),
+                (true, Some(id)) => Ok(Some((self.tokens[id as usize], id))),
+                (true, None) => Err(GgufError::Inconsistent(format!(
+                    "tokenizer.ggml.add_{what}_token is set but there is no {what} token id"
+                ))),
+            }
+        };
+        let template = template(with(self.add_bos, self.bos, "bos")?, with(self.add_eos, self.eos, "eos")?);
+        Ok(json!({"type": "Sequence", "processors": [byte_level_post, template]}))
+    }
+
+    /// `tokenizer_config.json`.
+    fn tokenizer_config(&self, file: &GgufFile, added: &[AddedToken], model_max_length: usize) -> Result<Json> {
+        let mut config = Map::new();
+        config.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
+        config.insert("add_bos_token".into(), json!(self.add_bos));
+        config.insert("add_eos_token".into(), json!(self.add_eos));
+        for (key, id) in
+            [("bos_token", self.bos), ("eos_token", self.eos), ("unk_token", self.unk), ("pad_token", self.pad)]
+        {
+            if let Some(text) = self.token(id) {
+                config.insert(key.into(), json!(text));
+            }
+        }
+        if let Some(template) = file.get_str("tokenizer.chat_template")? {
+            config.insert("chat_template".into(), json!(template));
+        }
+        config.insert("clean_up_tokenization_spaces".into(), json!(false));
+        config.insert("model_max_length".into(), json!(model_max_length));
+        config.insert("added_tokens_decoder".into(), Json::Object(added_tokens_decoder(added)));
+        Ok(Json::Object(config))
+    }
+}
+
+/// Only byte-level BPE (`tokenizer.ggml.model = "gpt2"`) can be rebuilt.
+fn check_byte_level_bpe(file: &GgufFile) -> Result<()> {
     let model = file.get_str("tokenizer.ggml.model")?.ok_or(GgufError::MissingMetadata {
         key: "tokenizer.ggml.model".into(),
         hint: "the file carries no tokenizer; use a GGUF converted with its tokenizer",
@@ -49,128 +217,24 @@ pub fn build_tokenizer(file: &GgufFile, model_max_length: usize) -> Result<HfTok
              StarCoder and LLaMA 3) can be rebuilt; SentencePiece (\"llama\") tokenizers cannot"
         )));
     }
-    let tokens = file.get_strings("tokenizer.ggml.tokens")?.ok_or(GgufError::MissingMetadata {
-        key: "tokenizer.ggml.tokens".into(),
-        hint: "the file carries no vocabulary; re-convert the model with llama.cpp",
-    })?;
-    let merges = file.get_strings("tokenizer.ggml.merges")?.ok_or(GgufError::MissingMetadata {
-        key: "tokenizer.ggml.merges".into(),
-        hint: "a BPE tokenizer needs its merges; re-convert the model with a current llama.cpp",
-    })?;
-    let types = match file.get_u64s("tokenizer.ggml.token_type")? {
-        Some(types) if types.len() != tokens.len() => {
-            return Err(GgufError::Inconsistent(format!(
-                "tokenizer.ggml.token_type has {} entries for {} tokens",
-                types.len(),
-                tokens.len()
-            )))
-        }
-        Some(types) => types,
-        None => vec![1; tokens.len()],
-    };
-    let pre = file.get_str("tokenizer.ggml.pre")?.ok_or(GgufError::MissingMetadata {
-        key: "tokenizer.ggml.pre".into(),
-        hint: "without it the way text is split before BPE is unknown; re-convert the model with a current llama.cpp",
-    })?;
-    let pre_tokenizer = pre_tokenizer(pre)?;
+    Ok(())
+}
 
-    let id_of = |key: &str| -> Result<Option<u32>> {
-        match file.get_u64(key)? {
-            None => Ok(None),
-            Some(id) if (id as usize) < tokens.len() => Ok(Some(id as u32)),
-            Some(id) => {
-                Err(GgufError::Inconsistent(format!("{key} is {id}, but the vocabulary has {} tokens", tokens.len())))
-            }
-        }
-    };
-    let bos = id_of("tokenizer.ggml.bos_token_id")?;
-    let eos = id_of("tokenizer.ggml.eos_token_id")?;
-    let unk = id_of("tokenizer.ggml.unknown_token_id")?;
-    let pad = id_of("tokenizer.ggml.padding_token_id")?;
-    let add_bos = file.get_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
-    let add_eos = file.get_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
-    let token = |id: Option<u32>| id.map(|id| tokens[id as usize]);
-
-    // Control tokens are special added tokens; user-defined ones are added tokens matched
-    // whole but not special. Both keep their text as the file spells it.
-    let added: Vec<AddedToken> = tokens
-        .iter()
-        .zip(&types)
-        .enumerate()
-        .filter(|(_, (_, &ty))| ty == token_type::CONTROL || ty == token_type::USER_DEFINED)
-        .map(|(id, (&content, &ty))| AddedToken { id: id as u32, content, special: ty == token_type::CONTROL })
-        .collect();
-
-    let vocab = Vocab::new(&tokens, &types)?;
-    let merges = merges
-        .iter()
-        .map(|m| match m.split_once(' ') {
-            Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(' ') => Ok((a, b)),
-            _ => Err(GgufError::Inconsistent(format!("BPE merge {m:?} is not two tokens separated by one space"))),
-        })
-        .collect::<Result<Vec<_>>>()?;
-
-    let byte_level_post = json!({
-        "type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true,
-    });
-    let post_processor = if add_bos || add_eos {
-        let with = |flag: bool, id: Option<u32>, what: &str| -> Result<Option<(&str, u32)>> {
-            match (flag, id) {
-                (false, _) => Ok(None),
-                (true, Some(id)) => Ok(Some((tokens[id as usize], id))),
-                (true, None) => Err(GgufError::Inconsistent(format!(
-                    "tokenizer.ggml.add_{what}_token is set but there is no {what} token id"
-                ))),
-            }
-        };
-        let template = template(with(add_bos, bos, "bos")?, with(add_eos, eos, "eos")?);
-        json!({"type": "Sequence", "processors": [byte_level_post, template]})
-    } else {
-        byte_level_post
-    };
-
-    let tokenizer = TokenizerJson {
-        version: "1.0",
-        truncation: None,
-        padding: None,
-        added_tokens: &added,
-        normalizer: None,
-        pre_tokenizer,
-        post_processor,
-        decoder: json!({
-            "type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true,
-        }),
-        model: BpeModel {
-            kind: "BPE",
-            dropout: None,
-            unk_token: None,
-            continuing_subword_prefix: None,
-            end_of_word_suffix: None,
-            fuse_unk: false,
-            byte_fallback: false,
-            ignore_merges: false,
-            vocab,
-            merges,
-        },
-    };
-    let tokenizer_json =
-        serde_json::to_string(&tokenizer).map_err(|source| GgufError::Json { file: "tokenizer.json", source })?;
-
-    let mut config = Map::new();
-    config.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
-    config.insert("add_bos_token".into(), json!(add_bos));
-    config.insert("add_eos_token".into(), json!(add_eos));
-    for (key, id) in [("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad)] {
-        if let Some(text) = token(id) {
-            config.insert(key.into(), json!(text));
-        }
+/// `tokenizer.ggml.token_type`, one per token (all normal when the file has none).
+fn token_types(file: &GgufFile, n_tokens: usize) -> Result<Vec<u64>> {
+    match file.get_u64s("tokenizer.ggml.token_type")? {
+        Some(types) if types.len() != n_tokens => Err(GgufError::Inconsistent(format!(
+            "tokenizer.ggml.token_type has {} entries for {n_tokens} tokens",
+            types.len()
+        ))),
+        Some(types) => Ok(types),
+        None => Ok(vec![1; n_tokens]),
     }
-    if let Some(template) = file.get_str("tokenizer.chat_template")? {
-        config.insert("chat_template".into(), json!(template));
-    }
-    config.insert("clean_up_tokenization_spaces".into(), json!(false));
-    config.insert("model_max_length".into(), json!(model_max_length));
-    let decoder: Map<String, Json> = added
+}
+
+/// `added_tokens_decoder` of `tokenizer_config.json`: each added token by id.
+fn added_tokens_decoder(added: &[AddedToken]) -> Map<String, Json> {
+    added
         .iter()
         .map(|t| {
             let entry = json!({
@@ -179,15 +243,7 @@ pub fn build_tokenizer(file: &GgufFile, model_max_length: usize) -> Result<HfTok
             });
             (t.id.to_string(), entry)
         })
-        .collect();
-    config.insert("added_tokens_decoder".into(), Json::Object(decoder));
-
-    Ok(HfTokenizer {
-        tokenizer_json,
-        tokenizer_config: Json::Object(config),
-        special_ids: SpecialTokenIds { bos, eos, pad },
-        n_tokens: tokens.len(),
-    })
+        .collect()
 }
 
 /// The Hugging Face pre-tokenizer for a `tokenizer.ggml.pre` value.

@@ -342,232 +342,239 @@ impl Search {
     /// Run (or continue) the search.
     pub fn run(&self, fitness: &mut dyn Fitness, opts: &RunOptions) -> Result<SearchResult> {
         self.validate()?;
-        let p = &self.params;
         if let Some(dir) = &self.state_dir {
             fs::create_dir_all(dir).with_context(|| format!("cannot create state_dir {}", dir.display()))?;
         }
-        let mut eval = Evaluator { space: &self.space, cache: HashMap::new(), fitness, log: None, hits: 0, misses: 0 };
-        let bar = if opts.progress {
-            ProgressBar::new(p.iterations as u64).with_style(
-                ProgressStyle::with_template("search {bar:30} {pos}/{len} iterations  {msg}  eta {eta}").unwrap(),
-            )
-        } else {
-            ProgressBar::hidden()
-        };
-        let t0 = Instant::now();
-
+        let mut run = Run::new(&self.space, fitness, self.progress_bar(opts.progress));
         let loaded = self.load_state()?;
         let resumed_from = loaded.as_ref().map(|s| s.iteration);
         let mut state = match loaded {
-            Some(state) => {
-                eval.cache.extend(state.cache.iter().map(|m| (m.genes.clone(), m.fitness)));
-                for m in self.read_cache_log() {
-                    eval.cache.entry(m.genes).or_insert(m.fitness);
-                }
-                self.trim_iter_log(state.iteration)?;
-                tracing::info!(
-                    "resuming the search after iteration {} ({} cached fitness values)",
-                    state.iteration,
-                    eval.cache.len()
-                );
-                state
-            }
-            None => {
-                // A state-less folder may still hold evaluations of a run killed before its
-                // first checkpoint: they are reused (same fingerprint: cache.jsonl is only
-                // written under a state folder whose search matches, see below).
-                self.clear_iter_log_if_no_state()?;
-                for m in self.read_cache_log_checked()? {
-                    eval.cache.entry(m.genes).or_insert(m.fitness);
-                }
-                bar.set_message("evaluating the first population");
-                eval.open_log(self.state_dir.as_deref(), &self.fingerprint_text())?;
-                let mut rng = Rng::new(p.seed);
-                let mut seen: HashSet<Genes> = HashSet::new();
-                let mut history: Vec<Genes> = Vec::new();
-                let mut first: Vec<Genes> = Vec::new();
-                let seeds = match &self.init {
-                    InitPopulation::LongRope2Seeds => self.space.longrope2_seeds(8.min(p.population)),
-                    InitPopulation::From(g) => vec![g.clone()],
-                };
-                if seeds.is_empty() {
-                    bail!(
-                        "the search space is empty: {} strictly increasing factors on a grid of {} do not fit in [{}, {}]; raise length_scale or the critical dimension",
-                        self.space.n_genes(),
-                        1.0 / self.space.units_per_one as f64,
-                        self.space.value(self.space.lo),
-                        self.space.value(self.space.hi)
-                    );
-                }
-                for g in &seeds {
-                    seen.insert(g.clone());
-                    history.push(g.clone());
-                    first.push(g.clone());
-                }
-                for j in 0..p.population.saturating_sub(seeds.len()) {
-                    let parent = &seeds[j % seeds.len()];
-                    match self.space.mutate(parent, p.mutation_probability, &mut rng, &seen, p.max_mutation_tries) {
-                        Some(g) => {
-                            seen.insert(g.clone());
-                            history.push(g.clone());
-                            first.push(g);
-                        }
-                        None => tracing::warn!(
-                            "no new mutant after {} tries; the first population is smaller",
-                            p.max_mutation_tries
-                        ),
-                    }
-                }
-                let mut population = Vec::with_capacity(first.len());
-                for (i, g) in first.into_iter().enumerate() {
-                    bar.set_message(format!("first population {}/{}", i + 1, p.population));
-                    let f = eval.get(&g)?;
-                    population.push(Member { genes: g, fitness: f });
-                }
-                let initial = Summary::of(&population);
-                let state = SearchState {
-                    fingerprint: self.fingerprint_text(),
-                    iteration: 0,
-                    population,
-                    history,
-                    cache: eval.sorted_cache(),
-                    rng,
-                    initial,
-                    best_trace: vec![initial.best],
-                    evaluations: eval.misses,
-                };
-                // Log first: a kill between the two leaves a line the resumed run trims.
-                self.log_iteration(json!({
-                    "iteration": 0, "best_fitness": initial.best, "mean_fitness": initial.mean,
-                    "population": state.population.len(), "evaluated": eval.misses, "cache_hits": eval.hits,
-                    "best_factors": self.space.factors(&best_of(&state.population).genes),
-                    "seconds": t0.elapsed().as_secs_f64(),
-                }))?;
-                self.save_state(&state)?;
-                state
-            }
+            Some(state) => self.resume(state, &mut run.eval)?,
+            None => self.first_population(&mut run)?,
         };
-        eval.open_log(self.state_dir.as_deref(), &self.fingerprint_text())?;
+        run.eval.open_log(self.state_dir.as_deref(), &self.fingerprint_text())?;
+        self.evolve(&mut state, &mut run, opts.stop_after)?;
+        run.bar.finish_and_clear();
+        Ok(self.result(state, resumed_from))
+    }
 
-        bar.set_position(state.iteration.min(p.iterations) as u64);
-        let mut best_so_far = state.best_trace.iter().copied().fold(f64::INFINITY, f64::min);
-        bar.set_message(format!("best {best_so_far:.4}"));
-        let mut seen: HashSet<Genes> = state.history.iter().cloned().collect();
-        while state.iteration < p.iterations {
-            if opts.stop_after.is_some_and(|k| state.iteration >= k) {
-                break;
-            }
-            let t_iter = Instant::now();
-            let (hits0, misses0) = (eval.hits, eval.misses);
-            let mut parents = state.population.clone();
-            sort_members(&mut parents);
-            parents.truncate(p.parents);
-            let mut rng = state.rng.clone();
-            let mut children: Vec<Genes> = Vec::new();
-            let mut make = |g: Genes, seen: &mut HashSet<Genes>, history: &mut Vec<Genes>| {
-                seen.insert(g.clone());
-                history.push(g.clone());
-                children.push(g);
-            };
-            let mut history = state.history.clone();
-            for _ in 0..p.mutations {
-                let idx = rng.below(parents.len() as u64) as usize;
-                match self.space.mutate(
-                    &parents[idx].genes,
-                    p.mutation_probability,
-                    &mut rng,
-                    &seen,
-                    p.max_mutation_tries,
-                ) {
-                    Some(g) => make(g, &mut seen, &mut history),
-                    None => tracing::warn!("no new mutant after {} tries", p.max_mutation_tries),
-                }
-            }
-            for _ in 0..p.crossovers {
-                let a = rng.below(parents.len() as u64) as usize;
-                let mut b = rng.below(parents.len() as u64 - 1) as usize;
-                if b >= a {
-                    b += 1;
-                }
-                let (a, b) = (a.min(b), a.max(b));
-                let child = self
-                    .space
-                    .crossover(
-                        &parents[a].genes,
-                        &parents[b].genes,
-                        p.mutation_probability,
-                        &mut rng,
-                        &seen,
-                        p.max_crossover_tries,
-                    )
-                    .or_else(|| {
-                        self.space.mutate(
-                            &parents[a].genes,
-                            p.mutation_probability,
-                            &mut rng,
-                            &seen,
-                            p.max_mutation_tries,
-                        )
-                    });
-                match child {
-                    Some(g) => make(g, &mut seen, &mut history),
-                    None => tracing::warn!("no new crossover or mutant"),
-                }
-            }
-            let mut population = parents.clone();
-            let n_children = children.len();
-            for (i, g) in children.into_iter().enumerate() {
-                bar.set_message(format!("best {best_so_far:.4}  eval {}/{n_children}", i + 1));
-                let f = eval.get(&g)?;
-                population.push(Member { genes: g, fitness: f });
-            }
-            let best = best_of(&population).clone();
-            best_so_far = best_so_far.min(best.fitness);
-            let mut sorted = population.clone();
-            sort_members(&mut sorted);
-            sorted.truncate(p.parents);
-            let parents_mean = Summary::of(&sorted).mean;
-            state.iteration += 1;
-            state.population = population;
-            state.history = history;
-            state.rng = rng;
-            state.cache = eval.sorted_cache();
-            state.best_trace.push(best.fitness);
-            state.evaluations += eval.misses - misses0;
-            self.log_iteration(json!({
-                "iteration": state.iteration, "best_fitness": best.fitness, "mean_fitness": parents_mean,
-                "population": state.population.len(), "evaluated": eval.misses - misses0,
-                "cache_hits": eval.hits - hits0, "best_factors": self.space.factors(&best.genes),
-                "seconds": t_iter.elapsed().as_secs_f64(),
-            }))?;
-            self.save_state(&state)?;
-            bar.set_position(state.iteration as u64);
-            bar.set_message(format!("best {best_so_far:.4}"));
-            tracing::info!(
-                "iteration {}/{}: best {:.4}, parents' mean {:.4}, {} evaluated",
-                state.iteration,
-                p.iterations,
-                best.fitness,
-                parents_mean,
-                eval.misses - misses0
+    fn progress_bar(&self, visible: bool) -> ProgressBar {
+        if !visible {
+            return ProgressBar::hidden();
+        }
+        ProgressBar::new(self.params.iterations as u64).with_style(
+            ProgressStyle::with_template("search {bar:30} {pos}/{len} iterations  {msg}  eta {eta}").unwrap(),
+        )
+    }
+
+    /// Continue from a checkpoint: its cache, the values logged after it, and the iteration
+    /// log trimmed to it.
+    fn resume(&self, state: SearchState, eval: &mut Evaluator<'_>) -> Result<SearchState> {
+        eval.cache.extend(state.cache.iter().map(|m| (m.genes.clone(), m.fitness)));
+        for m in self.read_cache_log() {
+            eval.cache.entry(m.genes).or_insert(m.fitness);
+        }
+        self.trim_iter_log(state.iteration)?;
+        tracing::info!(
+            "resuming the search after iteration {} ({} cached fitness values)",
+            state.iteration,
+            eval.cache.len()
+        );
+        Ok(state)
+    }
+
+    /// Start afresh: make and evaluate the first population, log it and checkpoint it.
+    fn first_population(&self, run: &mut Run<'_>) -> Result<SearchState> {
+        // A state-less folder may still hold evaluations of a run killed before its
+        // first checkpoint: they are reused (same fingerprint: cache.jsonl is only
+        // written under a state folder whose search matches, see below).
+        self.clear_iter_log_if_no_state()?;
+        for m in self.read_cache_log_checked()? {
+            run.eval.cache.entry(m.genes).or_insert(m.fitness);
+        }
+        run.bar.set_message("evaluating the first population");
+        run.eval.open_log(self.state_dir.as_deref(), &self.fingerprint_text())?;
+        let mut rng = Rng::new(self.params.seed);
+        let history = self.first_individuals(&mut rng)?;
+        let mut population = Vec::with_capacity(history.len());
+        for (i, g) in history.iter().enumerate() {
+            run.bar.set_message(format!("first population {}/{}", i + 1, self.params.population));
+            let fitness = run.eval.get(g)?;
+            population.push(Member { genes: g.clone(), fitness });
+        }
+        let initial = Summary::of(&population);
+        let state = SearchState {
+            fingerprint: self.fingerprint_text(),
+            iteration: 0,
+            population,
+            history,
+            cache: run.eval.sorted_cache(),
+            rng,
+            initial,
+            best_trace: vec![initial.best],
+            evaluations: run.eval.misses,
+        };
+        // Log first: a kill between the two leaves a line the resumed run trims.
+        self.log_iteration(json!({
+            "iteration": 0, "best_fitness": initial.best, "mean_fitness": initial.mean,
+            "population": state.population.len(), "evaluated": run.eval.misses, "cache_hits": run.eval.hits,
+            "best_factors": self.space.factors(&best_of(&state.population).genes),
+            "seconds": run.started.elapsed().as_secs_f64(),
+        }))?;
+        self.save_state(&state)?;
+        Ok(state)
+    }
+
+    /// The individuals of the first population: the seeds, then mutants of each seed in turn
+    /// up to `population`.
+    fn first_individuals(&self, rng: &mut Rng) -> Result<Vec<Genes>> {
+        let p = &self.params;
+        let seeds = match &self.init {
+            InitPopulation::LongRope2Seeds => self.space.longrope2_seeds(8.min(p.population)),
+            InitPopulation::From(g) => vec![g.clone()],
+        };
+        if seeds.is_empty() {
+            bail!(
+                "the search space is empty: {} strictly increasing factors on a grid of {} do not fit in [{}, {}]; raise length_scale or the critical dimension",
+                self.space.n_genes(),
+                1.0 / self.space.units_per_one as f64,
+                self.space.value(self.space.lo),
+                self.space.value(self.space.hi)
             );
         }
-        bar.finish_and_clear();
-        let mut final_pop = state.population.clone();
-        sort_members(&mut final_pop);
-        final_pop.truncate(p.parents);
-        let best = final_pop[0].clone();
-        Ok(SearchResult {
+        let mut seen: HashSet<Genes> = seeds.iter().cloned().collect();
+        let mut first = seeds.clone();
+        for j in 0..p.population.saturating_sub(seeds.len()) {
+            let parent = &seeds[j % seeds.len()];
+            match self.space.mutate(parent, p.mutation_probability, rng, &seen, p.max_mutation_tries) {
+                Some(g) => {
+                    seen.insert(g.clone());
+                    first.push(g);
+                }
+                None => {
+                    tracing::warn!(
+                        "no new mutant after {} tries; the first population is smaller",
+                        p.max_mutation_tries
+                    )
+                }
+            }
+        }
+        Ok(first)
+    }
+
+    /// Iterate until `params.iterations` iterations are done in total (or `stop_after`).
+    fn evolve(&self, state: &mut SearchState, run: &mut Run<'_>, stop_after: Option<usize>) -> Result<()> {
+        let iterations = self.params.iterations;
+        run.bar.set_position(state.iteration.min(iterations) as u64);
+        run.best_so_far = state.best_trace.iter().copied().fold(f64::INFINITY, f64::min);
+        run.bar.set_message(format!("best {:.4}", run.best_so_far));
+        let mut seen: HashSet<Genes> = state.history.iter().cloned().collect();
+        let end = stop_after.map_or(iterations, |k| k.min(iterations));
+        while state.iteration < end {
+            self.iterate(state, &mut seen, run)?;
+        }
+        Ok(())
+    }
+
+    /// One iteration: keep the parents, add mutants and crossovers, evaluate the newcomers,
+    /// then log and checkpoint.
+    fn iterate(&self, state: &mut SearchState, seen: &mut HashSet<Genes>, run: &mut Run<'_>) -> Result<()> {
+        let started = Instant::now();
+        let (hits0, misses0) = (run.eval.hits, run.eval.misses);
+        let parents = self.fittest(&state.population);
+        let mut rng = state.rng.clone();
+        let mut brood = Brood { seen, history: state.history.clone(), children: Vec::new() };
+        self.add_mutants(&parents, &mut rng, &mut brood);
+        self.add_crossovers(&parents, &mut rng, &mut brood);
+        let population = run.evaluate_children(parents, brood.children)?;
+        let best = best_of(&population).clone();
+        run.best_so_far = run.best_so_far.min(best.fitness);
+        let parents_mean = Summary::of(&self.fittest(&population)).mean;
+        let evaluated = run.eval.misses - misses0;
+        state.iteration += 1;
+        state.population = population;
+        state.history = brood.history;
+        state.rng = rng;
+        state.cache = run.eval.sorted_cache();
+        state.best_trace.push(best.fitness);
+        state.evaluations += evaluated;
+        self.log_iteration(json!({
+            "iteration": state.iteration, "best_fitness": best.fitness, "mean_fitness": parents_mean,
+            "population": state.population.len(), "evaluated": evaluated,
+            "cache_hits": run.eval.hits - hits0, "best_factors": self.space.factors(&best.genes),
+            "seconds": started.elapsed().as_secs_f64(),
+        }))?;
+        self.save_state(state)?;
+        run.bar.set_position(state.iteration as u64);
+        run.bar.set_message(format!("best {:.4}", run.best_so_far));
+        tracing::info!(
+            "iteration {}/{}: best {:.4}, parents' mean {:.4}, {} evaluated",
+            state.iteration,
+            self.params.iterations,
+            best.fitness,
+            parents_mean,
+            evaluated
+        );
+        Ok(())
+    }
+
+    /// `mutations` mutants of random parents.
+    fn add_mutants(&self, parents: &[Member], rng: &mut Rng, brood: &mut Brood<'_>) {
+        let p = &self.params;
+        for _ in 0..p.mutations {
+            let idx = rng.below(parents.len() as u64) as usize;
+            match self.space.mutate(&parents[idx].genes, p.mutation_probability, rng, brood.seen, p.max_mutation_tries)
+            {
+                Some(g) => brood.add(g),
+                None => tracing::warn!("no new mutant after {} tries", p.max_mutation_tries),
+            }
+        }
+    }
+
+    /// `crossovers` crossovers of two distinct random parents; a failed crossover becomes a
+    /// mutant of its first parent.
+    fn add_crossovers(&self, parents: &[Member], rng: &mut Rng, brood: &mut Brood<'_>) {
+        let p = &self.params;
+        for _ in 0..p.crossovers {
+            let a = rng.below(parents.len() as u64) as usize;
+            let mut b = rng.below(parents.len() as u64 - 1) as usize;
+            if b >= a {
+                b += 1;
+            }
+            let (a, b) = (&parents[a.min(b)].genes, &parents[a.max(b)].genes);
+            let child = self
+                .space
+                .crossover(a, b, p.mutation_probability, rng, brood.seen, p.max_crossover_tries)
+                .or_else(|| self.space.mutate(a, p.mutation_probability, rng, brood.seen, p.max_mutation_tries));
+            match child {
+                Some(g) => brood.add(g),
+                None => tracing::warn!("no new crossover or mutant"),
+            }
+        }
+    }
+
+    /// The `parents` fittest of `members` (lowest fitness first, ties by age).
+    fn fittest(&self, members: &[Member]) -> Vec<Member> {
+        let mut sorted = members.to_vec();
+        sort_members(&mut sorted);
+        sorted.truncate(self.params.parents);
+        sorted
+    }
+
+    fn result(&self, state: SearchState, resumed_from: Option<usize>) -> SearchResult {
+        let final_parents = self.fittest(&state.population);
+        let best = final_parents[0].clone();
+        SearchResult {
             long_factor: self.space.factors(&best.genes),
             best,
             iteration: state.iteration,
-            finished: state.iteration >= p.iterations,
+            finished: state.iteration >= self.params.iterations,
             initial: state.initial,
-            final_parents_mean: Summary::of(&final_pop).mean,
-            best_trace: state.best_trace.clone(),
+            final_parents_mean: Summary::of(&final_parents).mean,
+            best_trace: state.best_trace,
             evaluations: state.evaluations,
             resumed_from,
-        })
+        }
     }
 
     fn clear_iter_log_if_no_state(&self) -> Result<()> {
@@ -621,6 +628,50 @@ fn diff_keys(a: &Value, b: &Value) -> Vec<String> {
         }
     }
     out
+}
+
+/// What the phases of one [`Search::run`] call share: the fitness cache, the progress bar,
+/// when the call started and the best fitness so far.
+struct Run<'a> {
+    eval: Evaluator<'a>,
+    bar: ProgressBar,
+    started: Instant,
+    best_so_far: f64,
+}
+
+impl<'a> Run<'a> {
+    fn new(space: &'a Space, fitness: &'a mut dyn Fitness, bar: ProgressBar) -> Self {
+        let eval = Evaluator { space, cache: HashMap::new(), fitness, log: None, hits: 0, misses: 0 };
+        Run { eval, bar, started: Instant::now(), best_so_far: f64::INFINITY }
+    }
+
+    /// The parents followed by the evaluated children.
+    fn evaluate_children(&mut self, parents: Vec<Member>, children: Vec<Genes>) -> Result<Vec<Member>> {
+        let mut population = parents;
+        let n_children = children.len();
+        for (i, g) in children.into_iter().enumerate() {
+            self.bar.set_message(format!("best {:.4}  eval {}/{n_children}", self.best_so_far, i + 1));
+            let fitness = self.eval.get(&g)?;
+            population.push(Member { genes: g, fitness });
+        }
+        Ok(population)
+    }
+}
+
+/// The individuals of an iteration in the making: every individual ever made (as a set and in
+/// order) and the newcomers.
+struct Brood<'s> {
+    seen: &'s mut HashSet<Genes>,
+    history: Vec<Genes>,
+    children: Vec<Genes>,
+}
+
+impl Brood<'_> {
+    fn add(&mut self, g: Genes) {
+        self.seen.insert(g.clone());
+        self.history.push(g.clone());
+        self.children.push(g);
+    }
 }
 
 /// Fitness through the cache; new values are appended to `cache.jsonl` at once.

@@ -97,8 +97,8 @@ pub fn make_docs(n_sources: usize, n: usize, max_len: usize, seed: u64) -> Vec<V
         .collect()
 }
 
-pub fn mem_loader(docs: &[Vec<Vec<u32>>], cfg: DataConfig, rank: usize, world: usize) -> Loader {
-    Loader::with_corpus(Corpus::from_docs(docs), cfg, rank, world).unwrap()
+pub fn mem_loader(docs: &[Vec<Vec<u32>>], cfg: DataConfig) -> Loader {
+    Loader::with_corpus(Corpus::from_docs(docs), cfg).unwrap()
 }
 
 /// The BOS/EOS view of a document.

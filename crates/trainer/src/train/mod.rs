@@ -191,8 +191,8 @@ fn open_loader(
         }
     }
     match resumed {
-        Some(c) => Loader::restore(dcfg, &tok_path, &cfg.data.cache_dir, 0, 1, c.state.loader.clone()),
-        None => Loader::new(dcfg, &tok_path, &cfg.data.cache_dir, 0, 1),
+        Some(c) => Loader::restore(dcfg, &tok_path, &cfg.data.cache_dir, c.state.loader.clone()),
+        None => Loader::new(dcfg, &tok_path, &cfg.data.cache_dir),
     }
 }
 

@@ -84,7 +84,7 @@ impl<'a> RunPlan<'a> {
         if !tok.is_file() || !longmix_data::cache::is_built(&dcfg, &tok, &self.cfg.data.cache_dir)? {
             return Ok(None);
         }
-        Loader::new(dcfg, &tok, &self.cfg.data.cache_dir, 0, 1).map(Some)
+        Loader::new(dcfg, &tok, &self.cfg.data.cache_dir).map(Some)
     }
 
     /// Estimated mean rank idle fraction over the first `steps` global steps of `loader`'s rows,
