@@ -244,6 +244,18 @@ impl Dist {
     /// which shuts it down without waiting for peers.
     pub fn finish(&self) -> Result<()> {
         self.agree(true, "end of the run")?;
+        // The rank hosting the store leaves last: the others may still be reading the agreement.
+        self.pg.store_add("finished", 1)?;
+        if self.rank() == 0 && !self.launch.agent_store {
+            let start = Instant::now();
+            while self.pg.store_add("finished", 0)? < self.world() as i64 {
+                if start.elapsed() > Duration::from_secs(self.cfg.timeout_s) {
+                    tracing::warn!("not every rank confirmed the end of the run within distributed.timeout_s");
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         self.pg.shutdown()
     }
 
