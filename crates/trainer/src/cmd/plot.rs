@@ -128,7 +128,7 @@ fn panel(c: &mut Canvas, area: (i64, i64, i64, i64), title: &str, x_range: (f64,
         );
         c.line(px(fx), top, px(fx), top + ph, 1, GREY);
         c.line(left, py(fy), left + pw, py(fy), 1, GREY);
-        let (xl, yl) = (format!("{}", fx.round()), fmt_value(fy));
+        let (xl, yl) = (format!("{}", fx.round()), fmt_tick(fy, (y_range.1 - y_range.0) / 4.0));
         c.text(px(fx) - text_width(&xl, 2) / 2, top + ph + 10, &xl, 2, BLACK);
         c.text(left - 8 - text_width(&yl, 2), py(fy) - 7, &yl, 2, BLACK);
     }
@@ -156,15 +156,17 @@ fn padded((lo, hi): (f64, f64), share: f64) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
-/// A tick label: scientific below 0.01 (learning rates), fewer decimals as values grow.
-fn fmt_value(v: f64) -> String {
-    match v.abs() {
-        0.0 => "0".into(),
-        a if a < 0.01 => format!("{v:.1e}"),
-        a if a < 10.0 => format!("{v:.3}"),
-        a if a < 1000.0 => format!("{v:.1}"),
-        _ => format!("{v:.0}"),
+/// A tick label of an axis whose ticks are `spacing` apart: scientific for values under 0.01
+/// (learning rates), else as many decimals as the spacing needs.
+fn fmt_tick(v: f64, spacing: f64) -> String {
+    if v == 0.0 {
+        return "0".into();
     }
+    if v.abs() < 0.01 && spacing < 0.01 {
+        return format!("{v:.1e}");
+    }
+    let decimals = (1.0 - spacing.log10().floor()).clamp(0.0, 4.0) as usize;
+    format!("{v:.decimals$}")
 }
 
 #[cfg(test)]
@@ -173,10 +175,11 @@ mod tests {
 
     #[test]
     fn tick_labels_and_ranges() {
-        assert_eq!(fmt_value(0.0), "0");
-        assert_eq!(fmt_value(2e-5), "2.0e-5");
-        assert_eq!(fmt_value(3.25), "3.250");
-        assert_eq!(fmt_value(12345.6), "12346");
+        assert_eq!(fmt_tick(0.0, 1.0), "0");
+        assert_eq!(fmt_tick(2e-5, 1e-5), "2.0e-5");
+        assert_eq!(fmt_tick(10.873, 0.44), "10.87");
+        assert_eq!(fmt_tick(3.25, 0.05), "3.250");
+        assert_eq!(fmt_tick(12345.6, 300.0), "12346");
         assert_eq!(padded((2.0, 2.0), 0.1), (1.5, 2.5));
         assert_eq!(padded((f64::MAX, f64::MIN), 0.1), (0.0, 1.0));
         assert_eq!(padded((0.0, 10.0), 0.1), (-1.0, 11.0));
