@@ -9,6 +9,7 @@ use longmix_data::SourceConfig;
 use longmix_model::{AttentionFactor, ExtensionSpec, FactorSet, LongFactors};
 use serde::{Deserialize, Serialize};
 
+use crate::metrics::MetricsPaths;
 use crate::optim::AdamWConfig;
 use crate::schedule::Decay;
 
@@ -240,7 +241,7 @@ fn default_bucket_mb() -> f64 {
     25.0
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSection {
     /// JSONL metrics file (default: `<checkpoint.dir>/metrics.jsonl`).
@@ -249,6 +250,16 @@ pub struct LogSection {
     /// Hide the progress bar (logs still go to stderr).
     #[serde(default)]
     pub no_progress: bool,
+    /// TensorBoard event files of every step and held-out evaluation in
+    /// `<checkpoint.dir>/tensorboard/` (default true; false writes none).
+    #[serde(default = "default_true")]
+    pub tensorboard: bool,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection { metrics: None, no_progress: false, tensorboard: true }
+    }
 }
 
 fn default_bf16() -> String {
@@ -404,8 +415,13 @@ impl TrainConfig {
         self.train.steps.unwrap_or_else(|| self.train.tokens.unwrap().div_ceil(self.tokens_per_step(world)))
     }
 
-    pub fn metrics_path(&self) -> PathBuf {
-        self.log.metrics.clone().unwrap_or_else(|| self.checkpoint.dir.join("metrics.jsonl"))
+    /// Where the metrics go: `[log] metrics` (default `<checkpoint.dir>/metrics.jsonl`) and,
+    /// unless `[log] tensorboard = false`, `<checkpoint.dir>/tensorboard/`.
+    pub fn metrics_path(&self) -> MetricsPaths {
+        MetricsPaths {
+            jsonl: self.log.metrics.clone().unwrap_or_else(|| self.checkpoint.dir.join("metrics.jsonl")),
+            tensorboard: self.log.tensorboard.then(|| self.checkpoint.dir.join("tensorboard")),
+        }
     }
 }
 
@@ -438,7 +454,13 @@ dir = "runs/x"
         assert_eq!(c.data.short_share, 0.3);
         assert_eq!(c.rope.attention_factor, AttentionFactor::Longrope);
         assert_eq!(c.total_steps(1), 10);
-        assert_eq!(c.metrics_path(), PathBuf::from("runs/x/metrics.jsonl"));
+        let paths = MetricsPaths {
+            jsonl: PathBuf::from("runs/x/metrics.jsonl"),
+            tensorboard: Some(PathBuf::from("runs/x/tensorboard")),
+        };
+        assert_eq!(c.metrics_path(), paths);
+        let off = TrainConfig::parse(&format!("{MINIMAL}[log]\ntensorboard = false\n")).unwrap();
+        assert_eq!(off.metrics_path().tensorboard, None);
         // The LM head runs in chunks unless asked otherwise; the dtype follows the device.
         assert_eq!(c.train.loss_chunk, 2048);
         assert_eq!(c.model.dtype, "auto");

@@ -10,7 +10,10 @@ mod grads;
 mod metrics;
 mod optim;
 mod schedule;
+mod tensorboard;
 mod train;
+
+use std::io::IsTerminal;
 
 use clap::{Parser, Subcommand};
 
@@ -33,6 +36,8 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Fine-tune to a longer window with mixed short/long rows, from a TOML config.
     Train(train::Args),
+    /// Training curves of a run (loss with held-out points, learning rate, gradient norm, tokens/s) as a PNG.
+    Plot(cmd::plot::Args),
     /// Turn a training checkpoint into a Hugging Face folder with the extended window.
     Export(cmd::export::Args),
     /// Long-context evaluation: ppl, passkey, niah
@@ -65,6 +70,8 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: a log redirected to a file (nohup, SLURM) stays plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -72,6 +79,7 @@ fn main() {
         Command::ImportGguf(a) => cmd::import_gguf::run(a),
         Command::Score(a) => cmd::score::run(a),
         Command::Train(a) => train::run(a),
+        Command::Plot(a) => cmd::plot::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Export(a) => cmd::export::run(a),
         Command::Eval(a) => cmd::eval::run(a),

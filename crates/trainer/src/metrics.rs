@@ -1,17 +1,28 @@
 //! Machine-readable metrics: one JSON object per line (`{"event": "step", ...}` or
 //! `{"event": "eval", ...}`), flushed as written so a crash loses nothing already logged.
+//! Each object also goes to the TensorBoard event files ([`crate::tensorboard`]) unless
+//! `[log] tensorboard = false`, so both records hold the same numbers.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde_json::json;
 
+use crate::tensorboard::EventWriter;
 use crate::train::StepStats;
+
+/// Where a run's metrics go: the JSONL file and, unless turned off, the TensorBoard folder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsPaths {
+    pub jsonl: PathBuf,
+    pub tensorboard: Option<PathBuf>,
+}
 
 pub struct Metrics {
     file: File,
+    events: Option<EventWriter>,
 }
 
 /// Peak resident memory of this process in MB (Linux `VmHWM`), 0 where unknown.
@@ -31,15 +42,18 @@ pub fn reset_peak_rss() {
 }
 
 impl Metrics {
-    /// Open `path` for a fresh run: earlier lines are discarded.
-    pub fn create(path: &Path) -> Result<Metrics> {
-        Self::open(path, false)
+    /// Open the metrics of a fresh run: earlier lines and event files are discarded.
+    pub fn create(paths: &MetricsPaths) -> Result<Metrics> {
+        let events = paths.tensorboard.as_deref().map(EventWriter::create).transpose()?;
+        Ok(Metrics { file: Self::open(&paths.jsonl, false)?, events })
     }
 
-    /// Open `path` for a run resumed at `step`: lines of later steps (written by the run that went
-    /// past the checkpoint being resumed) and a line torn by a crash are dropped first, so every
-    /// step appears once and every line parses.
-    pub fn resume(path: &Path, step: u64) -> Result<Metrics> {
+    /// Open the metrics of a run resumed at `step`: lines of later steps (written by the run
+    /// that went past the checkpoint being resumed) and a line torn by a crash are dropped
+    /// first, so every step appears once and every line parses; the event files are cut back
+    /// the same way.
+    pub fn resume(paths: &MetricsPaths, step: u64) -> Result<Metrics> {
+        let path = &paths.jsonl;
         if let Ok(text) = std::fs::read_to_string(path) {
             let kept: String = text
                 .lines()
@@ -53,26 +67,30 @@ impl Metrics {
                 longmix_core::fsx::write_atomic(path, kept.as_bytes())?;
             }
         }
-        Self::open(path, true)
+        let events = paths.tensorboard.as_deref().map(|d| EventWriter::resume(d, step)).transpose()?;
+        Ok(Metrics { file: Self::open(path, true)?, events })
     }
 
-    fn open(path: &Path, append: bool) -> Result<Metrics> {
+    fn open(path: &Path, append: bool) -> Result<File> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let file = OpenOptions::new()
+        OpenOptions::new()
             .create(true)
             .write(true)
             .append(append)
             .truncate(!append)
             .open(path)
-            .with_context(|| format!("cannot open metrics file {}", path.display()))?;
-        Ok(Metrics { file })
+            .with_context(|| format!("cannot open metrics file {}", path.display()))
     }
 
+    /// One line of the JSONL file, and the same object's numbers as TensorBoard scalars.
     fn write(&mut self, v: serde_json::Value) -> Result<()> {
         writeln!(self.file, "{v}")?;
         self.file.flush()?;
+        if let Some(events) = self.events.as_mut() {
+            events.write(&v)?;
+        }
         Ok(())
     }
 

@@ -5,5 +5,6 @@ pub mod export;
 pub mod generate;
 pub mod import_gguf;
 pub mod needle_ppl;
+pub mod plot;
 pub mod score;
 pub mod search;
