@@ -121,15 +121,15 @@ fn panel(c: &mut Canvas, area: (i64, i64, i64, i64), title: &str, x_range: (f64,
     let y_range = padded(values.fold((f64::MAX, f64::MIN), |r, y| (r.0.min(y), r.1.max(y))), 0.06);
     let px = |x: f64| left + ((x - x_range.0) / (x_range.1 - x_range.0) * pw as f64).round() as i64;
     let py = |y: f64| top + ph - ((y - y_range.0) / (y_range.1 - y_range.0) * ph as f64).round() as i64;
-    for k in 0..=4 {
-        let (fx, fy) = (
-            x_range.0 + (x_range.1 - x_range.0) * k as f64 / 4.0,
-            y_range.0 + (y_range.1 - y_range.0) * k as f64 / 4.0,
-        );
+    for fx in step_ticks(x_range) {
+        let xl = format!("{fx}");
         c.line(px(fx), top, px(fx), top + ph, 1, GREY);
-        c.line(left, py(fy), left + pw, py(fy), 1, GREY);
-        let (xl, yl) = (format!("{}", fx.round()), fmt_tick(fy, (y_range.1 - y_range.0) / 4.0));
         c.text(px(fx) - text_width(&xl, 2) / 2, top + ph + 10, &xl, 2, BLACK);
+    }
+    for k in 0..=4 {
+        let fy = y_range.0 + (y_range.1 - y_range.0) * k as f64 / 4.0;
+        let yl = fmt_tick(fy, (y_range.1 - y_range.0) / 4.0);
+        c.line(left, py(fy), left + pw, py(fy), 1, GREY);
         c.text(left - 8 - text_width(&yl, 2), py(fy) - 7, &yl, 2, BLACK);
     }
     c.line(left, top, left, top + ph, 2, BLACK);
@@ -152,8 +152,19 @@ fn padded((lo, hi): (f64, f64), share: f64) -> (f64, f64) {
     if lo > hi {
         return (0.0, 1.0);
     }
-    let pad = ((hi - lo) * share).max(if hi > lo { 0.0 } else { (hi.abs() * 0.05).max(0.5) });
+    let pad = match (hi > lo, hi != 0.0) {
+        (true, _) => (hi - lo) * share,
+        (false, true) => hi.abs() * 0.05,
+        (false, false) => 0.5,
+    };
     (lo - pad, hi + pad)
+}
+
+/// Whole steps across `(lo, hi)`, at most about five of them.
+fn step_ticks((lo, hi): (f64, f64)) -> Vec<f64> {
+    let every = ((hi - lo) / 4.0).ceil().max(1.0);
+    let first = (lo / every).ceil() * every;
+    (0..).map(|k| first + k as f64 * every).take_while(|&x| x <= hi).collect()
 }
 
 /// A tick label of an axis whose ticks are `spacing` apart: scientific for values under 0.01
@@ -180,7 +191,11 @@ mod tests {
         assert_eq!(fmt_tick(10.873, 0.44), "10.87");
         assert_eq!(fmt_tick(3.25, 0.05), "3.250");
         assert_eq!(fmt_tick(12345.6, 300.0), "12346");
-        assert_eq!(padded((2.0, 2.0), 0.1), (1.5, 2.5));
+        assert_eq!(step_ticks((0.0, 2.0)), vec![0.0, 1.0, 2.0]);
+        assert_eq!(step_ticks((0.0, 1000.0)), vec![0.0, 250.0, 500.0, 750.0, 1000.0]);
+        let (lo, hi) = padded((5e-5, 5e-5), 0.06);
+        assert!(lo > 4e-5 && hi < 6e-5, "a constant learning rate gets an axis of its own scale: {lo} {hi}");
+        assert_eq!(padded((2.0, 2.0), 0.1), (1.9, 2.1));
         assert_eq!(padded((f64::MAX, f64::MIN), 0.1), (0.0, 1.0));
         assert_eq!(padded((0.0, 10.0), 0.1), (-1.0, 11.0));
     }

@@ -369,7 +369,8 @@ pub fn run(args: Args) -> Result<()> {
         t.state.loader = loader_after;
         let step = out.stats.step;
         log.step(&t, &out.stats)?;
-        if t.evaluator.due(step) {
+        // The last step's held-out loss comes with the final evaluation below.
+        if t.evaluator.due(step) && step < t.total_steps {
             log.periodic_eval(&t)?;
         }
         let stop = out.stop_requested || args.stop_after.is_some_and(|n| step - run_start >= n);
