@@ -112,6 +112,22 @@ pub fn intra_op_threads(explicit: Option<i32>, local_processes: usize) -> i32 {
 /// The tch version pinned in the workspace `Cargo.toml`.
 pub const TCH_VERSION: &str = "0.24.0";
 
+/// Dense bf16 peak TFLOP/s of GPUs by marketing name (no sparsity).
+fn known_peak_tflops(name: &str) -> Option<f64> {
+    [("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 125.0)]
+        .iter()
+        .find(|(n, _)| name.contains(n))
+        .map(|(_, p)| *p)
+}
+
+/// The dense bf16 peak of `device` for MFU (known GPUs by name; None on CPU and unknown GPUs).
+pub fn peak_tflops(device: Device) -> Option<f64> {
+    match device {
+        Device::Cuda(i) => gpu_name(i as i32).as_deref().and_then(known_peak_tflops),
+        Device::Cpu | Device::Mps | Device::Vulkan => None,
+    }
+}
+
 /// The GPU's marketing name from the CUDA driver (`cuDeviceGetName`), looked up at run time so
 /// the binary still starts on machines without a driver.
 pub fn gpu_name(ordinal: i32) -> Option<String> {

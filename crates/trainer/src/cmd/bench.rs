@@ -20,7 +20,7 @@ use longmix_model::{load_model, next_token_targets, CausalLm, MemoryOptions, Mod
 use serde_json::json;
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::device::{gpu_name, intra_op_threads, ComputeArgs};
+use crate::device::{gpu_name, intra_op_threads, peak_tflops, ComputeArgs};
 use crate::estimate::MemoryEstimate;
 use crate::metrics::{peak_rss_mb, reset_peak_rss};
 use crate::optim::AdamWConfig;
@@ -77,14 +77,6 @@ pub struct Args {
     /// Also write the JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-}
-
-/// Dense bf16 peak TFLOP/s of GPUs by marketing name (no sparsity).
-fn known_peak_tflops(name: &str) -> Option<f64> {
-    [("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 125.0)]
-        .iter()
-        .find(|(n, _)| name.contains(n))
-        .map(|(_, p)| *p)
 }
 
 /// The rows of one step (random tokens; each row's window as the model will judge it from
@@ -221,7 +213,7 @@ pub fn run(a: Args) -> Result<()> {
         Device::Cuda(i) => gpu_name(i as i32),
         _ => None,
     };
-    let peak_tflops = a.peak_tflops.or_else(|| gpu.as_deref().and_then(known_peak_tflops));
+    let peak_tflops = a.peak_tflops.or_else(|| peak_tflops(device));
     let tflops = flops / step_s / 1e12;
     // Each step starts the GPU's peaks afresh: the run's peak is the largest step's.
     let peak = |f: fn(&CudaPeaks) -> f64| measured.iter().filter_map(|r| r.stats.cuda.as_ref().map(f)).reduce(f64::max);

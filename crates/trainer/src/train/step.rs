@@ -14,6 +14,7 @@ use serde::Serialize;
 use tch::{nn, Device, Kind, Tensor};
 
 use super::parallel::Parallel;
+use crate::device::peak_tflops;
 use crate::distributed::{self, CommTimes, Dist};
 use crate::grads::Grads;
 use crate::metrics::peak_rss_mb;
@@ -150,6 +151,10 @@ pub struct StepStats {
     pub grad_norm: f64,
     /// Row tokens of the step (padding included) per second.
     pub tokens_per_s: f64,
+    /// Training FLOP/s per rank, 10^12 (`ModelConfig::train_flops` of the global batch over the
+    /// ranks and the step's seconds), and as a share of the GPU's bf16 peak where it is known.
+    pub tflops: f64,
+    pub mfu: Option<f64>,
     pub tokens_seen: u64,
     pub peak_rss_mb: f64,
     #[serde(flatten)]
@@ -189,6 +194,8 @@ pub struct StepEngine {
     pub mem: MemoryOptions,
     micro_batch_rows: usize,
     device: Device,
+    /// The device's bf16 peak TFLOP/s (for MFU), where known.
+    peak_tflops: Option<f64>,
     pub parallel: Parallel,
 }
 
@@ -219,7 +226,8 @@ impl StepEngine {
         let opt = AdamW::new(optim, parallel.optimizer_params(&params), kind);
         vs.set_kind(kind);
         let grads = Grads::new(&params);
-        StepEngine { params, grads, opt, mem, micro_batch_rows, device: vs.device(), parallel }
+        let device = vs.device();
+        StepEngine { params, grads, opt, mem, micro_batch_rows, device, peak_tflops: peak_tflops(device), parallel }
     }
 
     /// One optimizer step over `batch` (this rank trains its share). The loss is the mean over
@@ -242,6 +250,8 @@ impl StepEngine {
         let optimizer_s = t_opt.elapsed().as_secs_f64();
         let tokens = batch.rows.iter().map(|r| r.input_ids.len() as u64).sum::<u64>();
         let seconds = t0.elapsed().as_secs_f64();
+        let flops: f64 = batch.rows.iter().map(|r| distributed::row_cost(r, &model.config)).sum();
+        let tflops = flops / self.parallel.rank_world().1 as f64 / seconds / 1e12;
         let timing = StepTiming {
             step_s: seconds,
             data_wait_s: batch.data_wait_s,
@@ -264,6 +274,8 @@ impl StepEngine {
             lr: batch.lr,
             grad_norm,
             tokens_per_s: tokens as f64 / seconds,
+            tflops,
+            mfu: self.peak_tflops.map(|p| tflops / p),
             tokens_seen: batch.tokens_seen + tokens,
             peak_rss_mb: peak_rss_mb(),
             timing,
