@@ -126,14 +126,14 @@ impl CuSeqlens {
 /// documents at `cu`. A sliding window `w` (Hugging Face's meaning: key `j` visible to query `i`
 /// when `i - w < j <= i`) applies where a document is longer than it. Output `[total, H, D]`.
 pub fn varlen_attention(q: &Tensor, k: &Tensor, v: &Tensor, cu: &CuSeqlens, sliding_window: Option<i64>) -> Tensor {
-    let flash =
-        matches!(q.kind(), Kind::BFloat16 | Kind::Half) && cu.device.as_ref().is_some_and(|d| d.device() == q.device());
-    if let (true, Some(cu_device)) = (flash, &cu.device) {
-        let max_len = cu.max_len();
-        let left = sliding_window.filter(|&w| w < max_len).map(|w| w - 1);
-        return flash_varlen(q, k, v, cu_device, max_len, true, left).expect("flash attention over packed rows");
+    match &cu.device {
+        Some(cu_device) if matches!(q.kind(), Kind::BFloat16 | Kind::Half) && cu_device.device() == q.device() => {
+            let max_len = cu.max_len();
+            let left = sliding_window.filter(|&w| w < max_len).map(|w| w - 1);
+            flash_varlen(q, k, v, cu_device, max_len, true, left).expect("flash attention over packed rows")
+        }
+        _ => per_document(q, k, v, &cu.host, sliding_window),
     }
-    per_document(q, k, v, &cu.host, sliding_window)
 }
 
 /// [`varlen_attention`] one document at a time through SDPA: exact on every device and dtype.

@@ -87,7 +87,8 @@ impl Checkpoint {
         state: &TrainerState,
         team: Option<&dyn Team>,
     ) -> Result<PathBuf> {
-        let bytes = Self::size_estimate(lm, opt);
+        let params = lm.vs.variables().values().map(|t| t.numel() as u64).sum();
+        let bytes = Self::size_for(params, lm.model.lm_head_weight().kind());
         let (rank, world, sharded) = team.map_or((0, 1, false), |t| (t.rank(), t.world(), t.sharded_optimizer()));
         save(root, state.step, bytes, team, |d| {
             if sharded {
@@ -163,17 +164,9 @@ impl Checkpoint {
         opt.load_state(&saved, &meta).with_context(|| format!("optimizer state {}", path.display()))
     }
 
-    /// Bytes one checkpoint of this model and optimizer takes (weights as held plus optimizer
-    /// state; the small JSON/TOML files are left out).
-    pub fn size_estimate(lm: &LoadedModel, opt: &AdamW) -> u64 {
-        let weights: u64 =
-            lm.vs.variables().values().map(|t| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64).sum();
-        let elements: u64 = lm.vs.variables().values().map(|t| t.numel() as u64).sum();
-        weights + elements * opt.state_bytes_per_element()
-    }
-
     /// The bytes of a checkpoint of `params` parameters computing in `kind`: the weights in
-    /// `kind`, two float32 moments, and float32 masters unless `kind` is float32.
+    /// `kind`, two float32 moments, and float32 masters unless `kind` is float32 (the small
+    /// JSON/TOML files left out).
     pub fn size_for(params: u64, kind: Kind) -> u64 {
         let masters = if kind == Kind::Float { 0 } else { 4 };
         params * (kind.elt_size_in_bytes() as u64 + 8 + masters)

@@ -100,7 +100,7 @@ fn rows(a: &Args, vocab: i64, l0: i64) -> (Vec<Row>, f64) {
                 .collect();
             Row {
                 n_targets: targets.iter().filter(|&&t| t != IGNORE_INDEX).count(),
-                kind: Window::of_len(len.min(a.seq_len), l0),
+                kind: Window::of_positions(&position_ids, l0),
                 input_ids,
                 position_ids,
                 targets,

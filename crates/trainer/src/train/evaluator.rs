@@ -5,18 +5,15 @@ use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use longmix_data::{Loader, Row, Window};
 use longmix_model::CausalLm;
-use serde::Serialize;
 
 use super::parallel::Parallel;
 use super::step::batch_tensors;
 use crate::config::EvalSection;
 
 /// Held-out mean NLL of the short and of the long rows (None for a kind without rows).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HeldOut {
-    #[serde(rename = "heldout_short")]
     pub short: Option<f64>,
-    #[serde(rename = "heldout_long")]
     pub long: Option<f64>,
 }
 

@@ -67,25 +67,26 @@ pub enum Parallel {
     Data(Box<DataParallel>),
 }
 
-/// A step's gradient reduction (none for a single process).
+/// A step's gradient reduction (none for a single process), with the group that names its
+/// failures.
 pub enum Reduction<'a> {
     None,
-    InFlight(InFlight<'a>),
+    InFlight(InFlight<'a>, &'a Dist),
 }
 
 impl Reduction<'_> {
     /// Decoder layer `layer`'s gradients are complete (and folded into float32).
     pub fn layer_done(&mut self, layer: usize) {
-        if let Reduction::InFlight(f) = self {
+        if let Reduction::InFlight(f, _) = self {
             f.layer_done(layer);
         }
     }
 
     /// Launch what is left and wait for every bucket.
-    pub fn finish(self, dist: Option<&Dist>) -> Result<CommTimes> {
-        match (self, dist) {
-            (Reduction::InFlight(f), Some(d)) => f.finish().map_err(|e| d.failure("gradient all-reduce", e)),
-            _ => Ok(CommTimes::default()),
+    pub fn finish(self) -> Result<CommTimes> {
+        match self {
+            Reduction::InFlight(f, d) => f.finish().map_err(|e| d.failure("gradient all-reduce", e)),
+            Reduction::None => Ok(CommTimes::default()),
         }
     }
 }
@@ -167,7 +168,7 @@ impl Parallel {
     pub fn begin_reduction<'a>(&'a self, grads: &'a Grads) -> Reduction<'a> {
         match self {
             Parallel::Single => Reduction::None,
-            Parallel::Data(d) => Reduction::InFlight(d.sync.begin(&d.dist.pg, grads)),
+            Parallel::Data(d) => Reduction::InFlight(d.sync.begin(&d.dist.pg, grads), &d.dist),
         }
     }
 

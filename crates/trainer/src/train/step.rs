@@ -320,7 +320,7 @@ impl StepEngine {
             sums.add(&out, mb);
         }
         let compute_s = t0.elapsed().as_secs_f64();
-        let comm = reduction.finish(self.parallel.dist())?;
+        let comm = reduction.finish()?;
         sums.rank_compute_s[rank] = compute_s;
         sums.rank_wait_s[rank] = comm.wait_s;
         sums.rank_peak_rss_mb[rank] = peak_rss_mb();
