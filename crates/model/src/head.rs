@@ -8,7 +8,7 @@
 
 use tch::{Device, Kind, Reduction, Tensor};
 
-use crate::transformer::CausalLm;
+use crate::transformer::{CausalLm, Tokens};
 use crate::IGNORE_INDEX;
 
 /// Scored positions per LM-head chunk unless the caller chooses.
@@ -130,9 +130,14 @@ impl CausalLm {
     /// Next-token NLL of `input_ids` at `position_ids` against `targets` (all `[B, T]`), without
     /// gradients: the evaluation path.
     pub fn nll(&self, input_ids: &Tensor, position_ids: &Tensor, targets: &Tensor) -> HeadLoss {
+        self.nll_of(&self.tokens(input_ids, position_ids, targets))
+    }
+
+    /// [`CausalLm::nll`] of `tokens` (under context parallelism: this rank's slice's share).
+    pub fn nll_of(&self, tokens: &Tokens) -> HeadLoss {
         tch::no_grad(|| {
-            let hidden = self.hidden_states(input_ids, position_ids);
-            self.head_nll(&hidden, targets, None, None)
+            let hidden = self.hidden_of(&tokens.input_ids, &tokens.positions);
+            self.head_nll(&hidden, &tokens.targets, None, None)
         })
     }
 }

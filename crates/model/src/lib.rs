@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod context;
 pub mod export;
 pub mod extension;
 pub mod factors;
@@ -18,6 +19,7 @@ pub mod string;
 pub mod transformer;
 
 pub use config::{Architecture, ModelConfig};
+pub use context::{check_context_parallel, context_parallel_sizes, ContextParallel};
 pub use export::{export_hf, ExportOptions};
 pub use extension::{
     critical_dim, longrope_attention_factor, own_short_factors, AttentionFactor, Extension, ExtensionSpec, FactorSet,
@@ -31,4 +33,4 @@ pub use longmix_core::{next_token_targets, Window, IGNORE_INDEX};
 pub use memory::{MemoryOptions, Phases, StepLoss};
 pub use rope::{RopeConfig, RopeScaling};
 pub use string::StringConfig;
-pub use transformer::CausalLm;
+pub use transformer::{CausalLm, Positions, Tokens};

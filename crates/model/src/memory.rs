@@ -19,7 +19,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::head::HeadLoss;
 use crate::rope::Window;
-use crate::transformer::CausalLm;
+use crate::transformer::{CausalLm, Tokens};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MemoryOptions {
@@ -97,7 +97,7 @@ impl CausalLm {
         scale: f64,
         opts: MemoryOptions,
     ) -> StepLoss {
-        self.forward_backward_with(input_ids, position_ids, targets, scale, opts, &mut |_| {})
+        self.forward_backward_with(&self.tokens(input_ids, position_ids, targets), scale, opts, &mut |_| {})
     }
 
     /// [`CausalLm::forward_backward`], calling `layer_done(i)` as soon as decoder layer `i`'s
@@ -108,17 +108,15 @@ impl CausalLm {
     /// head are complete only when this returns.
     pub fn forward_backward_with(
         &self,
-        input_ids: &Tensor,
-        position_ids: &Tensor,
-        targets: &Tensor,
+        tokens: &Tokens,
         scale: f64,
         opts: MemoryOptions,
         layer_done: &mut dyn FnMut(usize),
     ) -> StepLoss {
+        let Tokens { input_ids, targets, positions: pos } = tokens;
         let mut clock = Clock::new(opts, input_ids.device());
         let mut phases = Phases::default();
-        let pos = self.positions(position_ids);
-        let windows = self.config.rope.row_windows(position_ids);
+        let windows = pos.windows.clone();
         // None: the whole micro-batch's scored positions in one piece.
         let chunk = Some(opts.loss_chunk.unwrap_or(i64::MAX));
         // The head runs on a detached leaf of the final hidden states, so its backward stops
@@ -130,7 +128,7 @@ impl CausalLm {
         };
         let embedded = self.embed(input_ids);
         if !opts.checkpoint_layers {
-            let x = self.layers.iter().fold(embedded, |x, layer| layer.forward(&x, &pos.cos, &pos.sin, &pos.plan));
+            let x = self.layers.iter().fold(embedded, |x, layer| layer.forward(&x, pos));
             let hidden = self.norm.forward(&x);
             phases.forward_s = clock.lap();
             let (loss, grad) = head(&hidden);
@@ -144,7 +142,7 @@ impl CausalLm {
         let mut inputs = vec![embedded.detach()];
         tch::no_grad(|| {
             for layer in &self.layers {
-                let x = layer.forward(inputs.last().unwrap(), &pos.cos, &pos.sin, &pos.plan);
+                let x = layer.forward(inputs.last().unwrap(), pos);
                 inputs.push(x);
             }
         });
@@ -159,7 +157,7 @@ impl CausalLm {
         // Backward through the layers, last first, recomputing each.
         for (i, (layer, x)) in self.layers.iter().zip(inputs).enumerate().rev() {
             let x = x.set_requires_grad(true);
-            let y = layer.forward(&x, &pos.cos, &pos.sin, &pos.plan);
+            let y = layer.forward(&x, pos);
             (y * &grad).sum(Kind::Float).backward();
             grad = x.grad();
             layer_done(i);

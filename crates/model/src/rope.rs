@@ -178,8 +178,13 @@ impl RopeConfig {
     /// cos and sin, float32 `[B, T, d_rot]`, for `position_ids` `[B, T]` (int64); each row's
     /// table is picked by its own length (see the module docs). The attention factor is folded in.
     pub fn cos_sin(&self, position_ids: &Tensor) -> (Tensor, Tensor) {
+        self.cos_sin_for(position_ids, &row_lengths(position_ids))
+    }
+
+    /// [`RopeConfig::cos_sin`] for `position_ids` that are part of rows of lengths `lens` (a
+    /// context-parallel slice: the table is the whole row's).
+    pub fn cos_sin_for(&self, position_ids: &Tensor, lens: &[i64]) -> (Tensor, Tensor) {
         let device = position_ids.device();
-        let lens = row_lengths(position_ids);
         let mut tables: HashMap<i64, Tensor> = HashMap::new();
         let rows: Vec<Tensor> = lens
             .iter()

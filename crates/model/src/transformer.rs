@@ -11,8 +11,11 @@
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
+use longmix_core::Window;
+
 use crate::attention::Plan;
 use crate::config::{Architecture, ModelConfig};
+use crate::context::ContextParallel;
 use crate::rope::apply_rotary;
 
 /// HF `LlamaRMSNorm`: normalise in float32, cast back, then scale.
@@ -83,11 +86,18 @@ impl Attention {
         }
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, plan: &Plan) -> Tensor {
+    fn forward(&self, x: &Tensor, pos: &Positions) -> Tensor {
         let (q, k, v) = self.project(x);
-        let q = apply_rotary(&q, cos, sin);
-        let k = apply_rotary(&k, cos, sin);
-        self.output(&plan.attend(&q, &k, &v))
+        let q = apply_rotary(&q, &pos.cos, &pos.sin);
+        let k = apply_rotary(&k, &pos.cos, &pos.sin);
+        let y = match &pos.context {
+            None => pos.plan.attend(&q, &k, &v),
+            Some(cp) => {
+                let (k, v) = (cp.to_row(&cp.kv_heads(k)), cp.to_row(&cp.kv_heads(v)));
+                cp.to_slice(&pos.plan.attend(&cp.to_row(&q), &k, &v))
+            }
+        };
+        self.output(&y)
     }
 
     /// The unrotated projections in heads layout (q and k normalised where the family does):
@@ -171,8 +181,8 @@ impl DecoderLayer {
         }
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, plan: &Plan) -> Tensor {
-        let h = x + self.self_attn.forward(&self.input_layernorm.forward(x), cos, sin, plan);
+    pub(crate) fn forward(&self, x: &Tensor, pos: &Positions) -> Tensor {
+        let h = x + self.self_attn.forward(&self.input_layernorm.forward(x), pos);
         &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h))
     }
 
@@ -186,11 +196,26 @@ impl DecoderLayer {
     }
 }
 
-/// Per-forward inputs shared by every layer: rotary tables and the attention plan.
+/// Per-forward inputs shared by every layer: rotary tables, the attention plan and each row's
+/// RoPE window; under context parallelism the group the heads are exchanged with.
 pub struct Positions {
+    /// float32 `[B, T, d_rot]` for this process's tokens.
     pub cos: Tensor,
     pub sin: Tensor,
+    /// The attention of whole rows.
     pub plan: Plan,
+    /// The window each row ran with, decided by the whole row.
+    pub windows: Vec<Window>,
+    pub context: Option<ContextParallel>,
+}
+
+/// What a forward takes: this process's tokens `[B, T]` (the whole rows, or its
+/// context-parallel slice of them), the token each must predict (or `IGNORE_INDEX`), and their
+/// [`Positions`].
+pub struct Tokens {
+    pub input_ids: Tensor,
+    pub targets: Tensor,
+    pub positions: Positions,
 }
 
 /// A causal language model (`LlamaForCausalLM`, `MistralForCausalLM`, `Phi3ForCausalLM`,
@@ -223,16 +248,33 @@ impl CausalLm {
     /// Rotary tables (window picked per row) and the attention plan for `position_ids` `[B, T]`.
     pub fn positions(&self, position_ids: &Tensor) -> Positions {
         let (cos, sin) = self.config.rope.cos_sin(position_ids);
-        Positions { cos, sin, plan: Plan::new(position_ids, self.config.sliding_window) }
+        Positions {
+            cos,
+            sin,
+            plan: Plan::new(position_ids, self.config.sliding_window),
+            windows: self.config.rope.row_windows(position_ids),
+            context: None,
+        }
+    }
+
+    /// Whole rows as one process feeds them (see [`CausalLm::slice_tokens`] for a
+    /// context-parallel slice).
+    pub fn tokens(&self, input_ids: &Tensor, position_ids: &Tensor, targets: &Tensor) -> Tokens {
+        Tokens {
+            input_ids: input_ids.shallow_clone(),
+            targets: targets.shallow_clone(),
+            positions: self.positions(position_ids),
+        }
     }
 
     /// Final hidden states `[B, T, hidden]` (after the last norm), in the weights' dtype.
     pub fn hidden_states(&self, input_ids: &Tensor, position_ids: &Tensor) -> Tensor {
-        let pos = self.positions(position_ids);
-        let mut x = self.embed(input_ids);
-        for layer in &self.layers {
-            x = layer.forward(&x, &pos.cos, &pos.sin, &pos.plan);
-        }
+        self.hidden_of(input_ids, &self.positions(position_ids))
+    }
+
+    /// [`CausalLm::hidden_states`] of `input_ids` at `pos`.
+    pub fn hidden_of(&self, input_ids: &Tensor, pos: &Positions) -> Tensor {
+        let x = self.layers.iter().fold(self.embed(input_ids), |x, layer| layer.forward(&x, pos));
         self.norm.forward(&x)
     }
 

@@ -1,5 +1,6 @@
 // c10d collectives for longmix: TCPStore rendezvous, Gloo (CPU) and NCCL (CUDA) process groups,
-// and the handful of collectives data parallelism needs, behind a C ABI (see src/c10d.rs).
+// the handful of collectives data parallelism needs and the differentiable all-to-all of context
+// parallelism, behind a C ABI (see src/c10d.rs).
 // The calling convention is ffi.h's.
 
 #include <atomic>
@@ -11,6 +12,7 @@
 
 #include "ffi.h"
 
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -28,6 +30,8 @@ struct LmGroup {
   std::atomic<bool> stop{false};
   std::thread heartbeat;
   bool shut_down = false;
+  // Nanoseconds spent in all-to-all exchanges (forward and backward), as the host waited.
+  std::atomic<long long> exchange_ns{0};
 
   void stop_heartbeat() {
     stop = true;
@@ -57,6 +61,36 @@ struct LmWork {
   c10::intrusive_ptr<c10d::Work> work;
   std::chrono::milliseconds timeout;
 };
+
+// A Gloo (backend 0) or NCCL (1) backend of `world` ranks over `store`; `device` >= 0 binds NCCL
+// to that CUDA device (the caller made it current).
+static c10::intrusive_ptr<c10d::Backend> make_backend(int backend, const c10::intrusive_ptr<c10d::Store>& store,
+                                                      int rank, int world, std::chrono::milliseconds timeout,
+                                                      int device) {
+  if (backend == 0) {
+    // create_default honours GLOO_SOCKET_IFNAME, like torch.distributed.
+    auto opts = c10d::ProcessGroupGloo::Options::create_default(timeout);
+    return c10::make_intrusive<c10d::ProcessGroupGloo>(c10::make_intrusive<c10d::PrefixStore>("gloo", store), rank,
+                                                        world, opts);
+  }
+#ifdef LONGMIX_NCCL
+  setenv("TORCH_NCCL_BLOCKING_WAIT", "1", 0);
+  auto opts = c10d::ProcessGroupNCCL::Options::create();
+  opts->timeout = timeout;
+  auto b = c10::make_intrusive<c10d::ProcessGroupNCCL>(c10::make_intrusive<c10d::PrefixStore>("nccl", store), rank,
+                                                       world, opts);
+  if (device >= 0) {
+    // What init_process_group(device_id=...) does: collectives and the barrier use this
+    // device, and the communicator is made now (its errors surface at start).
+    at::Device d(at::kCUDA, static_cast<c10::DeviceIndex>(device));
+    b->setBoundDeviceId(d);
+    b->eagerConnectSingleDevice(d);
+  }
+  return b;
+#else
+  TORCH_CHECK(false, "this build of longmix has no NCCL: rebuild after launch/setup.sh installed its headers");
+#endif
+}
 
 extern "C" {
 
@@ -90,34 +124,23 @@ char* lm_group_new(int backend, const char* host, int port, int rank, int world,
     so.timeout = timeout;
     auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), so);
     c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
-    c10::intrusive_ptr<c10d::Backend> b;
-    if (backend == 0) {
-      // create_default honours GLOO_SOCKET_IFNAME, like torch.distributed.
-      auto opts = c10d::ProcessGroupGloo::Options::create_default(timeout);
-      b = c10::make_intrusive<c10d::ProcessGroupGloo>(c10::make_intrusive<c10d::PrefixStore>("gloo", store), rank,
-                                                        world, opts);
-    } else {
-#ifdef LONGMIX_NCCL
-      setenv("TORCH_NCCL_BLOCKING_WAIT", "1", 0);
-      auto opts = c10d::ProcessGroupNCCL::Options::create();
-      opts->timeout = timeout;
-      b = c10::make_intrusive<c10d::ProcessGroupNCCL>(c10::make_intrusive<c10d::PrefixStore>("nccl", store), rank,
-                                                        world, opts);
-      if (device >= 0) {
-        // What init_process_group(device_id=...) does: collectives and the barrier use this
-        // device, and the communicator is made now (its errors surface at start).
-        at::Device d(at::kCUDA, static_cast<c10::DeviceIndex>(device));
-        b->setBoundDeviceId(d);
-        b->eagerConnectSingleDevice(d);
-      }
-#else
-      TORCH_CHECK(false, "this build of longmix has no NCCL: rebuild after launch/setup.sh installed its headers");
-#endif
-    }
     auto g = new LmGroup();
     g->store = store;
-    g->backend = b;
+    g->backend = make_backend(backend, store, rank, world, timeout, device);
     g->timeout = timeout;
+    *out = g;
+  });
+}
+
+// A group of `size` ranks of `parent`'s run (this one is `rank` in it), on the same store under
+// `name` and with the same timeout; only its members build it.
+char* lm_group_sub(LmGroup* parent, int backend, const char* name, int rank, int size, int device, LmGroup** out) {
+  return guard([&] {
+    c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::PrefixStore>(std::string(name), parent->store);
+    auto g = new LmGroup();
+    g->store = store;
+    g->backend = make_backend(backend, store, rank, size, parent->timeout, device);
+    g->timeout = parent->timeout;
     *out = g;
   });
 }
@@ -240,5 +263,55 @@ char* lm_heartbeat_start(LmGroup* g, const char* key, long long interval_ms) {
     });
   });
 }
+
+}  // extern "C"
+
+// Context parallelism's exchange: chunk i of `x` along dim 0 goes to rank i, and chunk i of the
+// result came from rank i (equal chunks; NCCL and Gloo both implement `alltoall_base`). A
+// failure's message starts with the words the trainer recognises (src/c10d.rs,
+// EXCHANGE_FAILED), also when it is thrown inside the autograd engine's backward.
+static at::Tensor exchange(LmGroup* g, const at::Tensor& x) {
+  auto start = std::chrono::steady_clock::now();
+  try {
+    auto in = x.contiguous();
+    auto out = at::empty_like(in);
+    std::vector<int64_t> equal;
+    c10d::AllToAllOptions o;
+    o.timeout = g->timeout;
+    g->backend->alltoall_base(out, in, equal, equal, o)->wait(g->timeout);
+    g->exchange_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
+    return out;
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, "context-parallel all-to-all failed: ", e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "context-parallel all-to-all failed: ", e.what());
+  }
+}
+
+// The exchange as an autograd function. It is its own inverse: the gradient of the chunk that
+// came from rank i goes back to rank i, which is the same exchange applied to the gradient. So
+// the backward is the forward's collective again, and every rank of the group runs it at the
+// same point of its backward.
+struct AllToAll : public torch::autograd::Function<AllToAll> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, int64_t group) {
+    ctx->saved_data["group"] = group;
+    return exchange(reinterpret_cast<LmGroup*>(group), x);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad) {
+    auto g = reinterpret_cast<LmGroup*>(ctx->saved_data["group"].toInt());
+    return {exchange(g, grad[0]), at::Tensor()};
+  }
+};
+
+extern "C" {
+
+// `*out` = the exchange of `x` (dim 0 a multiple of the group's size), recorded by autograd.
+char* lm_all_to_all(LmGroup* g, const at::Tensor* x, at::Tensor** out) {
+  return guard([&] { *out = new at::Tensor(AllToAll::apply(*x, reinterpret_cast<int64_t>(g))); });
+}
+
+long long lm_group_exchange_ns(LmGroup* g) { return g->exchange_ns.load(); }
 
 }  // extern "C"

@@ -38,6 +38,17 @@ extern "C" {
         device: c_int,
         out: *mut *mut RawGroup,
     ) -> *mut c_char;
+    fn lm_group_sub(
+        parent: *mut RawGroup,
+        backend: c_int,
+        name: *const c_char,
+        rank: c_int,
+        size: c_int,
+        device: c_int,
+        out: *mut *mut RawGroup,
+    ) -> *mut c_char;
+    fn lm_all_to_all(g: *mut RawGroup, x: *mut c_void, out: *mut *mut c_void) -> *mut c_char;
+    fn lm_group_exchange_ns(g: *mut RawGroup) -> i64;
     fn lm_group_shutdown(g: *mut RawGroup) -> *mut c_char;
     fn lm_group_free(g: *mut RawGroup);
     fn lm_store_add(g: *mut RawGroup, key: *const c_char, delta: i64, value: *mut i64) -> *mut c_char;
@@ -52,6 +63,9 @@ extern "C" {
     fn lm_store_set(g: *mut RawGroup, key: *const c_char, value: *const c_char) -> *mut c_char;
     fn lm_store_get(g: *mut RawGroup, key: *const c_char, timeout_ms: i64, value: *mut *mut c_char) -> *mut c_char;
 }
+
+/// How the message of a failed [`ProcessGroup::all_to_all`] starts (written by `csrc/c10d.cpp`).
+pub const EXCHANGE_FAILED: &str = "context-parallel all-to-all failed";
 
 fn c_string(s: &str) -> CString {
     CString::new(s).expect("no NUL in c10d strings")
@@ -96,13 +110,15 @@ pub struct Rendezvous {
     pub device: Option<usize>,
 }
 
-/// One process group (every rank of the run).
+/// One process group (every rank of the run, or a subgroup of them).
 pub struct ProcessGroup {
     raw: *mut RawGroup,
     pub rank: usize,
     pub world_size: usize,
     pub backend: Backend,
     pub timeout: Duration,
+    /// NCCL: the CUDA device the group is bound to.
+    device: Option<usize>,
 }
 
 // SAFETY: c10d's store and backends are used from one thread at a time here (the trainer's);
@@ -166,7 +182,66 @@ impl ProcessGroup {
                 &mut raw,
             )
         })?;
-        Ok(ProcessGroup { raw, rank: rv.rank, world_size: rv.world_size, backend, timeout: rv.timeout })
+        Ok(ProcessGroup {
+            raw,
+            rank: rv.rank,
+            world_size: rv.world_size,
+            backend,
+            timeout: rv.timeout,
+            device: rv.device,
+        })
+    }
+
+    /// A group of `size` ranks of this group's run, this process being `rank` in it, with the
+    /// same backend, device and timeout. `name` (unique per group in the run) namespaces its
+    /// keys in the store; only the members build it, together.
+    pub fn subgroup(&self, name: &str, rank: usize, size: usize) -> Result<ProcessGroup> {
+        let n = c_string(name);
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: live parent group, valid C string and out-pointer for the call.
+        check(unsafe {
+            lm_group_sub(
+                self.raw,
+                matches!(self.backend, Backend::Nccl) as c_int,
+                n.as_ptr(),
+                rank as c_int,
+                size as c_int,
+                self.device.map_or(-1, |d| d as c_int),
+                &mut raw,
+            )
+        })?;
+        Ok(ProcessGroup {
+            raw,
+            rank,
+            world_size: size,
+            backend: self.backend,
+            timeout: self.timeout,
+            device: self.device,
+        })
+    }
+
+    /// Seconds this group has spent in [`ProcessGroup::all_to_all`] so far, forward and backward
+    /// (as the host waited for them).
+    pub fn all_to_all_seconds(&self) -> f64 {
+        // SAFETY: live group; an atomic read.
+        unsafe { lm_group_exchange_ns(self.raw) as f64 / 1e9 }
+    }
+
+    /// The all-to-all exchange, differentiable: chunk `i` of `x` along dim 0 (equal chunks, one
+    /// per rank) goes to rank `i`, and chunk `i` of the result came from rank `i`. Autograd
+    /// records it; its backward is the same exchange of the gradient (it is its own inverse),
+    /// so every rank must run the backward too. A failure's message starts with
+    /// [`EXCHANGE_FAILED`], also when it comes out of the backward.
+    pub fn all_to_all(&self, x: &Tensor) -> Result<Tensor> {
+        let rows = x.size().first().copied().unwrap_or(0);
+        if rows % self.world_size as i64 != 0 {
+            bail!("all_to_all: dim 0 ({rows}) is not a multiple of the group's {} ranks", self.world_size);
+        }
+        let mut out = std::ptr::null_mut();
+        // SAFETY: live group, a valid tensor pointer; on success `out` is a new at::Tensor owned
+        // by the returned Tensor.
+        check(unsafe { lm_all_to_all(self.raw, x.as_ptr() as *mut c_void, &mut out) })?;
+        Ok(unsafe { Tensor::from_ptr(out as *mut _) })
     }
 
     /// Reduce `t` in place across ranks.

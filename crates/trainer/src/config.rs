@@ -220,6 +220,10 @@ pub struct DistributedSection {
     /// Gradient bucket size in MB (float32).
     #[serde(default = "default_bucket_mb")]
     pub bucket_mb: f64,
+    /// Context-parallel size: each row's tokens are split over this many consecutive ranks,
+    /// which train the same rows (world = data parallel x context parallel).
+    #[serde(default = "default_one")]
+    pub context_parallel: usize,
 }
 
 impl Default for DistributedSection {
@@ -383,6 +387,9 @@ impl TrainConfig {
         }
         if !(d.bucket_mb.is_finite() && d.bucket_mb > 0.0) {
             bail!("key `distributed.bucket_mb`: {} must be > 0", d.bucket_mb);
+        }
+        if d.context_parallel == 0 {
+            bail!("key `distributed.context_parallel`: must be >= 1 (1: no context parallelism)");
         }
         if t.loss_chunk < 0 {
             bail!("key `train.loss_chunk`: {} must be >= 0 (0 = no chunking)", t.loss_chunk);

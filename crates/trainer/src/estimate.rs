@@ -13,7 +13,11 @@
 //! (`h`) is kept and one layer's set exists at a time, with about as much again for its
 //! gradients while it back-propagates. The LM head holds, per chunk, float32 logits, their
 //! log-softmax and the gradients of both (`4 * chunk * vocab`). The optimizer's temporaries are
-//! a few copies of the largest parameter (see [`MemoryEstimate::new`]). On CPU the process also
+//! a few copies of the largest parameter (see [`MemoryEstimate::new`]). Under context
+//! parallelism of size cp a rank holds T/cp of each row's tokens: every term above that counts
+//! tokens counts T/cp, and a layer's working set adds the all-to-alls' buffers (q, k, v and the
+//! attention output, sent and received: `2 (2q + 2kv')` per local token, with `kv'` the KV width
+//! after repeating KV heads up to cp). On CPU the process also
 //! holds LibTorch itself, memory the C allocator keeps after it is freed, and, with
 //! checkpointing, a measured share that grows with the tokens ([`CPU_RUNTIME_BYTES`],
 //! [`CPU_RETENTION`], [`CPU_CHECKPOINT_UNATTRIBUTED`]).
@@ -64,18 +68,19 @@ pub struct MemoryEstimate {
 
 impl MemoryEstimate {
     /// The estimate for `tokens` tokens per micro-batch of model `c` computing in `kind` on
-    /// `device`.
+    /// `device`, each row split over `cp` ranks (1: no context parallelism).
     pub fn new(
         c: &ModelConfig,
         kind: Kind,
         opt: OptimizerMemory,
         tokens: i64,
+        cp: usize,
         mem: MemoryOptions,
         device: Device,
     ) -> MemoryEstimate {
         let b = kind.elt_size_in_bytes() as f64;
         let n = c.n_params();
-        let t = tokens as f64;
+        let t = (tokens as f64 / cp as f64).ceil();
         let (h, q, kv, i) = (
             c.hidden_size as f64,
             (c.num_attention_heads * c.head_dim) as f64,
@@ -83,7 +88,13 @@ impl MemoryEstimate {
             c.intermediate_size as f64,
         );
         let layers = c.num_hidden_layers as f64;
-        let per_layer = t * (4.0 * h + 3.0 * q + 2.0 * kv + 4.0 * i) * b;
+        let exchange = if cp > 1 {
+            let kv_sent = kv.max((cp as i64 * c.head_dim) as f64);
+            2.0 * (2.0 * q + 2.0 * kv_sent)
+        } else {
+            0.0
+        };
+        let per_layer = t * (4.0 * h + 3.0 * q + 2.0 * kv + 4.0 * i + exchange) * b;
         let (saved, layer) = if mem.checkpoint_layers {
             (t * h * b * (layers + 1.0), 2.0 * per_layer)
         } else {

@@ -24,7 +24,7 @@ use crate::device::{gpu_name, intra_op_threads, peak_tflops, ComputeArgs};
 use crate::estimate::MemoryEstimate;
 use crate::metrics::{peak_rss_mb, reset_peak_rss};
 use crate::optim::AdamWConfig;
-use crate::train::{Batch, CudaPeaks, StepEngine, StepStats};
+use crate::train::{Batch, CudaPeaks, ParallelDims, StepEngine, StepStats};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -172,9 +172,9 @@ pub fn run(a: Args) -> Result<()> {
     };
     let optim_cfg = AdamWConfig { fused: !a.reference_adamw, ..Default::default() };
     // The trainer's step: one micro-batch of every row, a single process.
-    let mut engine = StepEngine::new(&mut vs, None, optim_cfg, kind, mem, a.rows as usize);
+    let mut engine = StepEngine::new(&mut vs, None, ParallelDims::SINGLE, optim_cfg, kind, mem, a.rows as usize)?;
     let tokens = a.rows * a.seq_len;
-    let estimate = MemoryEstimate::new(&c, kind, engine.opt.memory(1.0), tokens, mem, device);
+    let estimate = MemoryEstimate::new(&c, kind, engine.opt.memory(1.0), tokens, 1, mem, device);
     let bar = indicatif::ProgressBar::new((a.warmup + a.steps) as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("bench {bar:30} {pos}/{len} steps  {per_sec}  eta {eta}  {msg}")

@@ -1,5 +1,6 @@
 //! Held-out evaluation: the mean NLL of the short and of the long held-out rows, before
-//! training, every `eval.every` steps and at the end, the rows shared out over the ranks.
+//! training, every `eval.every` steps and at the end, the rows shared out over the data-parallel
+//! groups (under context parallelism each rank of a group scores its slice of every row).
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -7,7 +8,6 @@ use longmix_data::{Loader, Row, Window};
 use longmix_model::CausalLm;
 
 use super::parallel::Parallel;
-use super::step::batch_tensors;
 use crate::config::EvalSection;
 
 /// Held-out mean NLL of the short and of the long rows (None for a kind without rows).
@@ -45,7 +45,7 @@ impl Evaluator {
         self.every > 0 && step.is_multiple_of(self.every)
     }
 
-    /// Rows rank `rank` of `world` evaluates.
+    /// Rows data-parallel group `rank` of `world` evaluates.
     pub fn rows_for(&self, (rank, world): (usize, usize)) -> usize {
         let mine = |n: usize| (n + world - 1 - rank) / world;
         mine(self.short.len()) + mine(self.long.len())
@@ -53,7 +53,7 @@ impl Evaluator {
 
     /// A progress bar counting this rank's rows on its own line (hidden when `hidden`).
     pub fn bar(&self, parallel: &Parallel, hidden: bool) -> ProgressBar {
-        let rows = self.rows_for(parallel.rank_world()) as u64;
+        let rows = self.rows_for(parallel.data_group()) as u64;
         let bar = if hidden { ProgressBar::hidden() } else { ProgressBar::new(rows) };
         bar.set_style(
             ProgressStyle::with_template("held-out eval {bar:20} {pos}/{len} rows  {elapsed}  eta {eta}").unwrap(),
@@ -64,20 +64,20 @@ impl Evaluator {
     /// Held-out mean NLL of the short and the long rows, each rank its share; `bar` counts this
     /// rank's rows (a long row's forward takes a minute on a small CPU).
     pub fn evaluate(&self, model: &CausalLm, parallel: &Parallel, bar: &ProgressBar) -> Result<HeldOut> {
-        let (rank, world) = parallel.rank_world();
+        let (group, groups) = parallel.data_group();
         let device = model.lm_head_weight().device();
-        let sums = |rows: &[Row]| {
+        let sums = |rows: &[Row]| -> Result<(f64, f64)> {
             let (mut nll, mut n) = (0.0, 0);
-            for r in rows.iter().skip(rank).step_by(world) {
-                let (ids, pos, tgt) = batch_tensors(&[r], device);
-                let l = model.nll(&ids, &pos, &tgt);
+            for r in rows.iter().skip(group).step_by(groups) {
+                let tokens = parallel.tokens(model, &[r], device);
+                let l = parallel.guard("held-out evaluation", || model.nll_of(&tokens))?;
                 nll += l.sum();
                 n += l.tokens();
                 bar.inc(1);
             }
-            (nll, n as f64)
+            Ok((nll, n as f64))
         };
-        let (s, l) = (sums(&self.short), sums(&self.long));
+        let (s, l) = (sums(&self.short)?, sums(&self.long)?);
         let mut v = [s.0, s.1, l.0, l.1];
         parallel.sum_f64(&mut v, "held-out evaluation")?;
         let mean = |rows: &[Row], nll: f64, n: f64| (!rows.is_empty()).then(|| nll / n.max(1.0));

@@ -76,7 +76,7 @@ impl RunLog {
     /// The held-out evaluation of `t.evaluator`'s interval, under the step's bar.
     pub fn periodic_eval(&mut self, t: &Trainer) -> Result<()> {
         let step = t.state.step;
-        self.bar.set_message(format!("held-out eval of {} rows", t.evaluator.rows_for(t.engine.parallel.rank_world())));
+        self.bar.set_message(format!("held-out eval of {} rows", t.evaluator.rows_for(t.engine.parallel.data_group())));
         let h = t.evaluate(&ProgressBar::hidden())?;
         if let Some(m) = self.metrics.as_mut() {
             m.eval(step, h.short, h.long)?;

@@ -212,9 +212,9 @@ impl Trainer {
     /// Everything before the first step. Returns the trainer and its data loader.
     pub fn setup(cfg: TrainConfig, resume: Option<&str>, launch: Option<Launch>) -> Result<(Trainer, Loader)> {
         let (device, kind) = compute_target(&cfg, launch.as_ref())?;
+        let world = launch.as_ref().map_or(1, |l| l.world_size);
+        let dims = ParallelDims::new(world, &cfg, &ModelConfig::from_dir(&cfg.model.path)?)?;
         let dist = launch.as_ref().map(|l| Dist::init(l, &cfg.distributed, device)).transpose()?;
-        let world = dist.as_ref().map_or(1, Dist::world);
-        let dims = ParallelDims::new(world, &cfg.distributed, cfg.rows_per_step(world))?;
         // Weights load in float32 (the optimizer's masters); the model then computes in `kind`.
         let mut lm = load_model(&cfg.model.path, Kind::Float, device)?;
         let checkpointer = Checkpointer::new(&cfg.checkpoint);
@@ -235,7 +235,8 @@ impl Trainer {
         let loader = open_loader(&cfg, dcfg, dist.as_ref(), resumed.as_ref())?;
         let evaluator = Evaluator::new(&loader, &cfg.eval);
         let mem = memory_options(&cfg);
-        let mut engine = StepEngine::new(&mut lm.vs, dist, cfg.optim.clone(), kind, mem, cfg.train.micro_batch_rows);
+        let mut engine =
+            StepEngine::new(&mut lm.vs, dist, dims, cfg.optim.clone(), kind, mem, cfg.train.micro_batch_rows)?;
         let mut state = TrainerState { step: 0, tokens_seen: 0, loader: loader.state(), rope: extension.clone() };
         if let Some(c) = resumed {
             c.load_weights(&lm)?;
@@ -243,7 +244,7 @@ impl Trainer {
             tracing::info!("resumed from {} at step {}", c.dir.display(), c.state.step);
             state = c.state;
         }
-        let total_steps = cfg.total_steps(dims.world());
+        let total_steps = cfg.total_steps(dims.dp);
         let schedule = Schedule::new(&cfg, total_steps);
         engine.parallel.check_ranks_agree(&engine.params, "set-up")?;
         let trainer = Trainer { cfg, lm, extension, engine, schedule, state, total_steps, evaluator, checkpointer };
@@ -252,7 +253,7 @@ impl Trainer {
 
     /// Rows of one global step.
     pub fn rows_per_step(&self) -> usize {
-        self.cfg.rows_per_step(self.engine.parallel.rank_world().1)
+        self.cfg.rows_per_step(self.engine.parallel.data_group().1)
     }
 
     /// One optimizer step over the global batch `rows`; `stop` is this rank's stop request.

@@ -1,47 +1,76 @@
 //! The parallel layout of a run, as torchtitan's `ParallelDims`: built once from the world size
-//! and `[distributed]`, validated, and the one value the train step asks for its rows, the start
-//! and finish of its gradient reduction, the reduction of its sums, the gradient norm and what
-//! follows the update. Data parallelism is the one dimension today; another (context
-//! parallelism) is another variant here, not a branch in the step.
+//! and `[distributed]`, validated, and the one value the train step asks for its rows and their
+//! tokens, the start and finish of its gradient reduction, the reduction of its sums, the
+//! gradient norm and what follows the update.
+//!
+//! The ranks form a mesh, world = dp x cp: context-parallel groups of `cp` consecutive ranks (one
+//! node, NVLink) each train the same rows, every rank its slice of each row's tokens
+//! (`longmix_model::context`); the `dp` groups share out the rows of a global batch. Gradients
+//! are summed over all ranks (each rank's share of the loss is scaled by the whole step's target
+//! tokens), ZeRO-1 shards over all ranks, and the fingerprint, agreements and heartbeats span
+//! the whole world, as they do for data parallelism alone.
 
 use std::collections::BTreeMap;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 
 use anyhow::{bail, Result};
 use longmix_data::Row;
-use longmix_model::ModelConfig;
+use longmix_model::context::EXCHANGE_FAILED;
+use longmix_model::{check_context_parallel, CausalLm, ContextParallel, ModelConfig, Tokens};
 use longmix_torch_ext::c10d::ReduceOp;
-use tch::Tensor;
+use tch::{Device, Tensor};
 
-use super::step::StepSums;
+use super::step::{batch_tensors, StepSums};
 use crate::checkpoint::Team;
-use crate::config::DistributedSection;
+use crate::config::TrainConfig;
 use crate::distributed::{self, CommTimes, Dist, GradSync, InFlight};
 use crate::grads::Grads;
 use crate::optim;
 
-/// The named dimensions of a world of ranks, checked against the run.
+/// The named dimensions of a world of ranks, checked against the run and the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ParallelDims {
-    /// Data-parallel ranks: each trains its share of every global batch.
+    /// Data-parallel groups: each trains its share of every global batch.
     pub dp: usize,
-    /// Whether each data-parallel rank keeps the optimizer state of its share only (ZeRO-1).
+    /// Context-parallel size: the ranks of a group split each of its rows' tokens.
+    pub cp: usize,
+    /// Whether each rank keeps the optimizer state of its share only (ZeRO-1, over all ranks).
     pub zero1: bool,
 }
 
 impl ParallelDims {
-    /// The layout of `world` ranks training `rows_per_step` rows per step.
-    pub fn new(world: usize, cfg: &DistributedSection, rows_per_step: usize) -> Result<ParallelDims> {
-        if rows_per_step < world {
+    /// One process.
+    pub const SINGLE: ParallelDims = ParallelDims { dp: 1, cp: 1, zero1: false };
+
+    /// The layout of `world` ranks for the run of `cfg` on model `model`.
+    pub fn new(world: usize, cfg: &TrainConfig, model: &ModelConfig) -> Result<ParallelDims> {
+        let cp = cfg.distributed.context_parallel;
+        if world % cp != 0 {
+            let divisors: Vec<usize> = (1..=world).filter(|d| world % d == 0).collect();
             bail!(
-                "key `train.global_batch_rows`: {rows_per_step} rows per step cannot give each of {world} ranks a \
-                 row; use at least {world}"
+                "key `distributed.context_parallel`: {cp} does not divide the {world} ranks of the run (world = data \
+                 parallel x context parallel); use one of {divisors:?}, or start a multiple of {cp} ranks"
             );
         }
-        Ok(ParallelDims { dp: world, zero1: world > 1 && cfg.zero1 })
+        check_context_parallel(model, cp)?;
+        let dp = world / cp;
+        let rows_per_step = cfg.rows_per_step(dp);
+        if rows_per_step < dp {
+            bail!(
+                "key `train.global_batch_rows`: {rows_per_step} rows per step cannot give each of {dp} data-parallel \
+                 groups a row; use at least {dp}"
+            );
+        }
+        Ok(ParallelDims { dp, cp, zero1: world > 1 && cfg.distributed.zero1 })
     }
 
     pub fn world(&self) -> usize {
-        self.dp
+        self.dp * self.cp
+    }
+
+    /// A rank's data-parallel group and its index in its context-parallel group.
+    pub fn coords(&self, rank: usize) -> (usize, usize) {
+        (rank / self.cp, rank % self.cp)
     }
 }
 
@@ -53,9 +82,12 @@ enum Update {
     Sharded(BTreeMap<String, usize>),
 }
 
-/// Data parallelism over a process group.
-pub struct DataParallel {
+/// Ranks of a dp x cp mesh over a process group.
+pub struct Mesh {
     pub dist: Dist,
+    pub dims: ParallelDims,
+    /// This rank's context-parallel group (cp > 1).
+    context: Option<ContextParallel>,
     sync: GradSync,
     update: Update,
 }
@@ -64,7 +96,7 @@ pub struct DataParallel {
 pub enum Parallel {
     /// One process: every row, gradients as they are.
     Single,
-    Data(Box<DataParallel>),
+    Mesh(Box<Mesh>),
 }
 
 /// A step's gradient reduction (none for a single process), with the group that names its
@@ -93,9 +125,20 @@ impl Reduction<'_> {
 
 impl Parallel {
     /// The layout for `params` (sorted by name, as every rank sorts them): a single process
-    /// without `dist`, data parallelism with it.
-    pub fn new(dist: Option<Dist>, params: &[(String, Tensor)]) -> Parallel {
-        let Some(dist) = dist else { return Parallel::Single };
+    /// without `dist`, the mesh of `dims` with it (its context-parallel groups are made here).
+    pub fn new(dist: Option<Dist>, dims: ParallelDims, params: &[(String, Tensor)]) -> Result<Parallel> {
+        let Some(dist) = dist else { return Ok(Parallel::Single) };
+        let context = (dims.cp > 1)
+            .then(|| {
+                let (group, index) = dims.coords(dist.rank());
+                let pg = dist
+                    .pg
+                    .subgroup(&format!("cp/{group}/"), index, dims.cp)
+                    .map_err(|e| dist.failure(&format!("set-up of context-parallel group {group}"), e))?;
+                quiet_exchange_panics();
+                Ok::<_, anyhow::Error>(ContextParallel::new(pg))
+            })
+            .transpose()?;
         let update = match dist.cfg.zero1 {
             true => Update::Sharded(distributed::owners(params, dist.world())),
             false => Update::Replicated,
@@ -105,21 +148,68 @@ impl Parallel {
             Update::Replicated => None,
         };
         let sync = GradSync::new(params, (dist.cfg.bucket_mb * 1e6) as usize, owner);
-        Parallel::Data(Box::new(DataParallel { dist, sync, update }))
+        Ok(Parallel::Mesh(Box::new(Mesh { dist, dims, context, sync, update })))
     }
 
     pub fn dist(&self) -> Option<&Dist> {
         match self {
             Parallel::Single => None,
-            Parallel::Data(d) => Some(&d.dist),
+            Parallel::Mesh(m) => Some(&m.dist),
+        }
+    }
+
+    /// This rank's context-parallel group (None without context parallelism).
+    pub fn context(&self) -> Option<&ContextParallel> {
+        match self {
+            Parallel::Mesh(m) => m.context.as_ref(),
+            Parallel::Single => None,
+        }
+    }
+
+    /// This rank's data-parallel group and the number of groups ((0, 1) for a single process).
+    pub fn data_group(&self) -> (usize, usize) {
+        match self {
+            Parallel::Mesh(m) => (m.dims.coords(m.dist.rank()).0, m.dims.dp),
+            Parallel::Single => (0, 1),
+        }
+    }
+
+    /// Whether this rank counts whole-row figures (rows, window labels): one rank per
+    /// context-parallel group, as every rank of it trains the same rows.
+    pub fn counts_rows(&self) -> bool {
+        self.context().is_none_or(|cp| cp.rank() == 0)
+    }
+
+    /// The model's input for `rows` on `device`: the whole rows, or this rank's slice of them.
+    pub fn tokens(&self, model: &CausalLm, rows: &[&Row], device: Device) -> Tokens {
+        let (ids, pos, tgt) = batch_tensors(rows, device);
+        match self.context() {
+            Some(cp) => model.slice_tokens(&ids, &pos, &tgt, cp),
+            None => model.tokens(&ids, &pos, &tgt),
+        }
+    }
+
+    /// Run `f` (a forward, or a forward and backward); under context parallelism a failed
+    /// all-to-all inside it (a dead or hung peer of the group) becomes the error naming the
+    /// rank, as a failed collective does. Other panics go on as they were.
+    pub fn guard<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+        let (Some(d), Some(_)) = (self.dist(), self.context()) else { return Ok(f()) };
+        match catch_unwind(AssertUnwindSafe(f)) {
+            Ok(v) => Ok(v),
+            Err(payload) => match panic_text(payload.as_ref()) {
+                Some(text) if text.contains(EXCHANGE_FAILED) => {
+                    Err(d.failure(&format!("context-parallel all-to-all of the {what}"), anyhow::anyhow!("{text}")))
+                }
+                _ => resume_unwind(payload),
+            },
         }
     }
 
     /// ZeRO-1: the group and the owner of each parameter.
     fn sharded(&self) -> Option<(&Dist, &BTreeMap<String, usize>)> {
         match self {
-            Parallel::Data(d) => match &d.update {
-                Update::Sharded(owner) => Some((&d.dist, owner)),
+            Parallel::Mesh(m) => match &m.update {
+                Update::Sharded(owner) => Some((&m.dist, owner)),
                 Update::Replicated => None,
             },
             Parallel::Single => None,
@@ -143,19 +233,21 @@ impl Parallel {
         }
     }
 
-    /// This rank's rows of a global batch, balanced by compute when `[distributed] balance`.
+    /// This rank's rows of a global batch (its data-parallel group's), balanced by compute when
+    /// `[distributed] balance`.
     pub fn rows<'r>(&self, rows: &'r [Row], model: &ModelConfig) -> Vec<&'r Row> {
         let Some(d) = self.dist() else { return rows.iter().collect() };
+        let (group, groups) = self.data_group();
         let costs: Vec<f64> = rows.iter().map(|r| distributed::row_cost(r, model)).collect();
-        let shares = distributed::assign_rows(&costs, d.world(), d.cfg.balance);
-        shares[d.rank()].iter().map(|&i| &rows[i]).collect()
+        let shares = distributed::assign_rows(&costs, groups, d.cfg.balance);
+        shares[group].iter().map(|&i| &rows[i]).collect()
     }
 
     /// The parameters this rank's optimizer updates (all, or its ZeRO-1 share).
     pub fn optimizer_params(&self, params: &[(String, Tensor)]) -> BTreeMap<String, Tensor> {
         let rank = self.rank_world().0;
         let mine = |n: &String| match self {
-            Parallel::Data(d) => match &d.update {
+            Parallel::Mesh(d) => match &d.update {
                 Update::Sharded(owner) => owner[n] == rank,
                 Update::Replicated => true,
             },
@@ -168,7 +260,7 @@ impl Parallel {
     pub fn begin_reduction<'a>(&'a self, grads: &'a Grads) -> Reduction<'a> {
         match self {
             Parallel::Single => Reduction::None,
-            Parallel::Data(d) => Reduction::InFlight(d.sync.begin(&d.dist.pg, grads), &d.dist),
+            Parallel::Mesh(d) => Reduction::InFlight(d.sync.begin(&d.dist.pg, grads), &d.dist),
         }
     }
 
@@ -240,4 +332,23 @@ impl Parallel {
     pub fn finish(&self) -> Result<()> {
         self.dist().map_or(Ok(()), Dist::finish)
     }
+}
+
+/// The text of a panic's payload, when it has one.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> Option<String> {
+    payload.downcast_ref::<String>().cloned().or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+}
+
+/// Leave a failed all-to-all's panic unprinted: [`Parallel::guard`] turns it into the run's
+/// error. Every other panic prints as before.
+fn quiet_exchange_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !panic_text(info.payload()).is_some_and(|t| t.contains(EXCHANGE_FAILED)) {
+                default(info)
+            }
+        }));
+    });
 }

@@ -52,7 +52,7 @@ impl<'a> RunPlan<'a> {
         let device = named_device(&cfg.model.device).context("key `model.device`")?;
         let kind = compute_dtype(&cfg.model.dtype, device).context("key `model.dtype`")?;
         check_training_dtype(kind, device, cfg.train.seq_len)?;
-        let dims = ParallelDims::new(world, &cfg.distributed, cfg.rows_per_step(world))?;
+        let dims = ParallelDims::new(world, cfg, &model)?;
         let ext = resolve_extension(cfg, &model)?;
         let own_window = model.sliding_window;
         ext.apply(&mut model);
@@ -73,7 +73,7 @@ impl<'a> RunPlan<'a> {
             fused: self.cfg.optim.fused && fused_adamw_available(self.device),
         };
         let tokens = (self.cfg.train.micro_batch_rows * self.cfg.train.seq_len) as i64;
-        MemoryEstimate::new(&self.model, self.kind, opt, tokens, memory_options(self.cfg), self.device)
+        MemoryEstimate::new(&self.model, self.kind, opt, tokens, self.dims.cp, memory_options(self.cfg), self.device)
     }
 
     /// The loader over the tokenization cache, when the cache of every source is already built
@@ -90,7 +90,7 @@ impl<'a> RunPlan<'a> {
     /// Estimated mean rank idle fraction over the first `steps` global steps of `loader`'s rows,
     /// balanced and round-robin (from [`distributed::row_cost`]).
     fn idle_estimate(&self, loader: &mut Loader, steps: usize) -> (f64, f64) {
-        let world = self.dims.world();
+        let world = self.dims.dp;
         let mut idle = [0.0, 0.0];
         for _ in 0..steps {
             let costs: Vec<f64> = (0..self.cfg.rows_per_step(world))
@@ -111,7 +111,7 @@ impl<'a> RunPlan<'a> {
     fn print(&self) {
         let (cfg, c, ext) = (self.cfg, &self.model, &self.ext);
         let t = &cfg.train;
-        let world = self.dims.world();
+        let (world, dp) = (self.dims.world(), self.dims.dp);
         println!("plan");
         println!(
             "  model          {} ({:?}, {:.1}M parameters, {} layers), {:?} on {:?}",
@@ -134,12 +134,12 @@ impl<'a> RunPlan<'a> {
             ext.short_factor[0],
             ext.short_factor.last().unwrap()
         );
-        let steps = cfg.total_steps(world);
-        let rows = cfg.rows_per_step(world);
+        let steps = cfg.total_steps(dp);
+        let rows = cfg.rows_per_step(dp);
         println!(
             "  steps          {steps}, {rows} rows x {} tokens = {} tokens/step",
             t.seq_len,
-            cfg.tokens_per_step(world)
+            cfg.tokens_per_step(dp)
         );
         println!(
             "  rows           {:.0}% short (documents <= {l0}), {:.0}% long",
@@ -149,8 +149,25 @@ impl<'a> RunPlan<'a> {
         if world > 1 {
             let d = &cfg.distributed;
             println!(
-                "  ranks          {world} data parallel; rows balanced by compute: {}, overlap: {}, ZeRO-1: {}",
-                d.balance, d.overlap, self.dims.zero1
+                "  ranks          {world} = {dp} data parallel x {} context parallel; rows balanced by compute: {}, \
+                 overlap: {}, ZeRO-1: {}",
+                self.dims.cp, d.balance, d.overlap, self.dims.zero1
+            );
+        }
+        if self.dims.cp > 1 {
+            let (h, kv, cp) = (c.num_attention_heads, c.num_key_value_heads, self.dims.cp as i64);
+            let kv_note = if kv >= cp {
+                format!("{} KV head(s)", kv / cp)
+            } else {
+                format!("1 KV head (each of the {kv} repeated {}x)", cp / kv)
+            };
+            println!(
+                "  context        ranks {{0..{cp}}}, {{{cp}..{}}}, ... split each row: {} tokens of a {}-token row and \
+                 {} query heads with {kv_note} per rank in attention",
+                2 * cp,
+                (t.seq_len as u64).div_ceil(cp as u64),
+                t.seq_len,
+                h / cp
             );
         }
         self.print_data();
@@ -177,7 +194,7 @@ impl<'a> RunPlan<'a> {
                     loader.corpus().n_tokens(),
                     loader.corpus().n_sources()
                 );
-                if self.dims.world() > 1 {
+                if self.dims.dp > 1 {
                     let (bal, rr) = self.idle_estimate(&mut loader, 16);
                     println!(
                         "  rank idle      {:.1}% with rows balanced by compute, {:.1}% round-robin (estimated, first 16 \
@@ -202,7 +219,10 @@ impl<'a> RunPlan<'a> {
         let world = self.dims.world();
         let est = self.memory();
         let ranks = if world > 1 {
-            format!(" per rank of {world}{}", if self.dims.zero1 { " (ZeRO-1)" } else { "" })
+            let cp = (self.dims.cp > 1).then(|| format!("cp {}", self.dims.cp));
+            let notes: Vec<String> = cp.into_iter().chain(self.dims.zero1.then(|| "ZeRO-1".to_string())).collect();
+            let notes = if notes.is_empty() { String::new() } else { format!(" ({})", notes.join(", ")) };
+            format!(" per rank of {world}{notes}")
         } else {
             String::new()
         };

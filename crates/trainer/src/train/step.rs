@@ -13,7 +13,7 @@ use longmix_torch_ext::cuda::{self, CudaMemory};
 use serde::Serialize;
 use tch::{nn, Device, Kind, Tensor};
 
-use super::parallel::Parallel;
+use super::parallel::{Parallel, ParallelDims};
 use crate::device::peak_tflops;
 use crate::distributed::{self, CommTimes, Dist};
 use crate::grads::Grads;
@@ -61,14 +61,17 @@ impl StepSums {
         }
     }
 
-    /// Add a micro-batch: its rows' NLL and tokens under the window the model used for each.
-    fn add(&mut self, out: &StepLoss, rows: &[&Row]) {
+    /// Add a micro-batch: its rows' NLL and tokens (this rank's share of them) under the window
+    /// the model used for each; the rows themselves only when `count_rows` (one rank of a
+    /// context-parallel group counts them).
+    fn add(&mut self, out: &StepLoss, rows: &[&Row], count_rows: bool) {
+        let count = count_rows as u8 as f64;
         for (i, w) in out.windows.iter().enumerate() {
             let sums = if *w == Window::Long { &mut self.long } else { &mut self.short };
             sums.nll += out.loss.row_nll[i];
             sums.tokens += out.loss.row_tokens[i] as f64;
-            sums.rows += 1.0;
-            self.window_mismatches += (rows[i].kind != *w) as u8 as f64;
+            sums.rows += count;
+            self.window_mismatches += count * (rows[i].kind != *w) as u8 as f64;
         }
     }
 
@@ -211,23 +214,24 @@ pub fn batch_tensors(rows: &[&Row], device: Device) -> (Tensor, Tensor, Tensor) 
 impl StepEngine {
     /// Over the float32 variables of `vs`, which then compute in `kind`: AdamW keeps float32
     /// masters of this rank's share, the model's copies are cast, the gradients accumulate in
-    /// float32. `dist` makes the layout data parallel.
+    /// float32. `dist` makes the layout the mesh of `dims`.
     pub fn new(
         vs: &mut nn::VarStore,
         dist: Option<Dist>,
+        dims: ParallelDims,
         optim: AdamWConfig,
         kind: Kind,
         mem: MemoryOptions,
         micro_batch_rows: usize,
-    ) -> StepEngine {
+    ) -> Result<StepEngine> {
         let mut params: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         params.sort_by(|a, b| a.0.cmp(&b.0));
-        let parallel = Parallel::new(dist, &params);
+        let parallel = Parallel::new(dist, dims, &params)?;
         let opt = AdamW::new(optim, parallel.optimizer_params(&params), kind);
         vs.set_kind(kind);
         let grads = Grads::new(&params);
         let device = vs.device();
-        StepEngine { params, grads, opt, mem, micro_batch_rows, device, peak_tflops: peak_tflops(device), parallel }
+        Ok(StepEngine { params, grads, opt, mem, micro_batch_rows, device, peak_tflops: peak_tflops(device), parallel })
     }
 
     /// One optimizer step over `batch` (this rank trains its share). The loss is the mean over
@@ -308,16 +312,18 @@ impl StepEngine {
         let micro: Vec<&[&Row]> = mine.chunks(self.micro_batch_rows).collect();
         for (k, mb) in micro.iter().enumerate() {
             let reduce_now = self.parallel.overlaps() && k + 1 == micro.len();
-            let (ids, pos, tgt) = batch_tensors(mb, self.device);
-            let out = model.forward_backward_with(&ids, &pos, &tgt, scale, self.mem, &mut |layer| {
-                self.grads.fold_layer(layer);
-                if reduce_now {
-                    reduction.layer_done(layer);
-                }
-            });
+            let tokens = self.parallel.tokens(model, mb, self.device);
+            let out = self.parallel.guard("forward and backward", || {
+                model.forward_backward_with(&tokens, scale, self.mem, &mut |layer| {
+                    self.grads.fold_layer(layer);
+                    if reduce_now {
+                        reduction.layer_done(layer);
+                    }
+                })
+            })?;
             self.grads.fold_all();
             phases.add(&out.phases);
-            sums.add(&out, mb);
+            sums.add(&out, mb, self.parallel.counts_rows());
         }
         let compute_s = t0.elapsed().as_secs_f64();
         let comm = reduction.finish()?;
@@ -398,7 +404,9 @@ mod tests {
         let vars = vs.variables();
         tch::no_grad(|| weights.iter().for_each(|(n, w)| vars[n].shallow_clone().copy_(w)));
         let mem = MemoryOptions { checkpoint_layers: true, loss_chunk: Some(64), sync_phases: false };
-        let mut engine = StepEngine::new(&mut vs, None, AdamWConfig::default(), Kind::Float, mem, micro);
+        let mut engine =
+            StepEngine::new(&mut vs, None, ParallelDims::SINGLE, AdamWConfig::default(), Kind::Float, mem, micro)
+                .unwrap();
         let rows = rows();
         let batch = Batch { rows: &rows, step: 1, lr: 1e-3, stop: false, data_wait_s: 0.0, tokens_seen: 0 };
         engine.step(&model, &batch).unwrap().stats
