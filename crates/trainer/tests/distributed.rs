@@ -37,14 +37,21 @@ impl Bench {
     /// A run named `name`: 6 rows per global step, mixed short/long rows, layer checkpointing
     /// (so gradient buckets overlap the backward); `extra` is appended as further sections.
     fn run(&self, name: &str, steps: u64, extra: &str) -> PathBuf {
+        self.run_on(&self.root.join("model"), "", name, steps, extra)
+    }
+
+    /// [`Bench::run`] on the model in `model`, with `rope` added to the `[rope]` section.
+    fn run_on(&self, model: &Path, rope: &str, name: &str, steps: u64, extra: &str) -> PathBuf {
         let root = self.root.display();
+        let model = model.display();
         let cfg = format!(
             r#"
 [model]
-path = "{root}/model"
+path = "{model}"
 threads = 1
 [rope]
 target_length = 256
+{rope}
 [data]
 sources = [{{ type = "jsonl", path = "{root}/corpus.jsonl" }}]
 short_share = 0.5
@@ -323,4 +330,104 @@ fn torchrun_and_the_plain_launcher_start_the_same_run() {
     );
     let c = run("multi", Command::new(ws.join("launch/multi.sh")).arg("2"));
     assert_eq!(max_diff(&a, &c), 0.0, "the two launchers ran different numerics");
+}
+
+/// The losses of every step of a run.
+fn losses(metrics: &Path) -> Vec<f64> {
+    step_lines(metrics).iter().map(|s| s["loss"].as_f64().unwrap()).collect()
+}
+
+/// Context parallelism (cp 2, cp 4 with the tiny model's 2 KV heads repeated, and 2 data-parallel
+/// groups of cp 2) trains what one process trains: the same rows, each row's tokens split over
+/// its group, the gradients summed over all ranks.
+#[test]
+fn context_parallel_ranks_train_what_one_process_trains() {
+    let b = Bench::new();
+    let one = b.run("one", 4, "");
+    train(&one, 0, &[]);
+    let reference = weights(&b.root.join("one/ckpt/step-00000004"));
+    let l1 = losses(&b.root.join("one/ckpt/metrics.jsonl"));
+    for (world, cp) in [(2, 2), (4, 4), (4, 2)] {
+        let name = format!("w{world}cp{cp}");
+        let cfg = b.run(&name, 4, &format!("[distributed]\ncontext_parallel = {cp}\n"));
+        let out = train(&cfg, world, &[]);
+        assert!(out.contains(&format!("parameters identical on all {world} ranks")), "{out}");
+        let d = max_diff(&reference, &weights(&b.root.join(format!("{name}/ckpt/step-00000004"))));
+        let metrics = b.root.join(format!("{name}/ckpt/metrics.jsonl"));
+        let steps = step_lines(&metrics);
+        let worst_loss = l1.iter().zip(losses(&metrics)).map(|(a, c)| (a - c).abs()).fold(0.0, f64::max);
+        eprintln!(
+            "world {world} = dp {} x cp {cp} vs one process: max |dw| = {d:.3e}, max |dloss| = {worst_loss:.2e}, losses \
+             {:?}, grad norms {:?}",
+            world / cp,
+            losses(&metrics),
+            steps.iter().map(|s| s["grad_norm"].as_f64().unwrap()).collect::<Vec<_>>()
+        );
+        assert!(d < TOL, "dp {} x cp {cp} differs from one process by {d}", world / cp);
+        assert!(worst_loss < 1e-4, "losses differ by {worst_loss}");
+        for s in &steps {
+            // Each row counted once, whatever the number of ranks sharing it.
+            assert_eq!(s["rows_short"].as_u64().unwrap() + s["rows_long"].as_u64().unwrap(), 6, "{s}");
+            assert_eq!(s["window_mismatches"].as_u64().unwrap(), 0, "{s}");
+            assert!(s["all_to_all_s"].as_f64().unwrap() > 0.0, "{s}");
+        }
+    }
+}
+
+/// A checkpoint written by a cp 2 run resumes on one process and on 2 data-parallel ranks (the
+/// data cursor is the run's, the weights and optimizer state whole or re-shared out).
+#[test]
+fn a_context_parallel_checkpoint_resumes_on_one_process_and_on_data_parallel_ranks() {
+    let b = Bench::new();
+    let cp2 = b.run("cp2", 4, "[distributed]\ncontext_parallel = 2\nzero1 = true\n");
+    train(&cp2, 2, &[]);
+    let whole = weights(&b.root.join("cp2/ckpt/step-00000004"));
+    let ck = b.root.join("cp2/ckpt/step-00000002");
+    for (name, world, extra) in [("cp1", 0, ""), ("dp2", 2, "[distributed]\nzero1 = true\n")] {
+        let cfg = b.run(name, 4, extra);
+        train(&cfg, world, &["--resume", &ck.display().to_string()]);
+        let d = max_diff(&whole, &weights(&b.root.join(format!("{name}/ckpt/step-00000004"))));
+        eprintln!("cp 2 resumed at step 2 as {name}: max |dw| at step 4 vs cp 2 throughout = {d:.3e}");
+        assert!(d < TOL, "cp 2 resumed as {name}: {d}");
+    }
+}
+
+#[test]
+fn a_killed_rank_of_a_context_parallel_group_is_named() {
+    let b = Bench::new();
+    let cfg = b.run("cpkill", 200, "[distributed]\ncontext_parallel = 2\ntimeout_s = 20\n");
+    let mut kids = launch(&cfg, 2, &[]);
+    wait_for_a_step(&b.root.join("cpkill/ckpt/metrics.jsonl"));
+    kids[1].kill().unwrap();
+    let killed = Instant::now();
+    let out = kids.remove(0).wait_with_output().unwrap();
+    let took = killed.elapsed();
+    let msg = text(&out);
+    eprintln!("rank 0 stopped {took:?} after rank 1 of its context-parallel group was killed:\n{msg}");
+    assert_eq!(out.status.code(), Some(1), "rank 0 should fail with an error:\n{msg}");
+    assert!(took < Duration::from_secs(40), "rank 0 took {took:?} to stop");
+    assert!(msg.contains("rank(s) 1 did not answer"), "{msg}");
+    assert!(msg.contains("--resume auto"), "{msg}");
+    assert!(!msg.contains("panicked"), "a failed exchange is an error, not a panic:\n{msg}");
+}
+
+/// The embedded SmolLM2-135M (9 query heads, 3 KV heads) on real weights: cp 3, one KV head and
+/// three query heads per rank.
+#[test]
+fn smollm2_at_context_parallel_3_trains_what_one_process_trains() {
+    let b = Bench::new();
+    let model = common::smollm2();
+    // L0 64 as the tiny model's, so that rows of 128 tokens are short and long.
+    let rope = "original_length = 64";
+    let one = b.run_on(&model, rope, "smol1", 2, "");
+    train(&one, 0, &[]);
+    let cp3 = b.run_on(&model, rope, "smol3", 2, "[distributed]\ncontext_parallel = 3\n");
+    train(&cp3, 3, &[]);
+    let d = max_diff(
+        &weights(&b.root.join("smol1/ckpt/step-00000002")),
+        &weights(&b.root.join("smol3/ckpt/step-00000002")),
+    );
+    let (a, c) = (losses(&b.root.join("smol1/ckpt/metrics.jsonl")), losses(&b.root.join("smol3/ckpt/metrics.jsonl")));
+    eprintln!("SmolLM2-135M cp 3 vs one process after 2 steps: max |dw| = {d:.3e}, losses {a:?} vs {c:?}");
+    assert!(d < TOL, "cp 3 differs from one process by {d}");
 }

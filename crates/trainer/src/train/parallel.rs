@@ -166,6 +166,11 @@ impl Parallel {
         }
     }
 
+    /// Seconds this rank has spent in context-parallel all-to-alls so far (0 without them).
+    pub fn all_to_all_seconds(&self) -> f64 {
+        self.context().map_or(0.0, |cp| cp.group().all_to_all_seconds())
+    }
+
     /// This rank's data-parallel group and the number of groups ((0, 1) for a single process).
     pub fn data_group(&self) -> (usize, usize) {
         match self {

@@ -110,6 +110,9 @@ pub struct StepTiming {
     pub comm_launch_s: f64,
     /// Waiting for the reduction after the backward (unhidden communication plus slower ranks).
     pub comm_wait_s: f64,
+    /// Context parallelism: the all-to-alls around attention (forward, recomputation and
+    /// backward), part of `compute_s`.
+    pub all_to_all_s: f64,
     /// Forward / LM head / backward, summed over the micro-batches (on CUDA as the host saw
     /// them: kernels still queued count in the next phase).
     pub forward_s: f64,
@@ -239,6 +242,7 @@ impl StepEngine {
     /// weights change, so the last checkpoint stays the latest good one.
     pub fn step(&mut self, model: &CausalLm, batch: &Batch) -> Result<StepOutcome> {
         let t0 = Instant::now();
+        let exchanged = self.parallel.all_to_all_seconds();
         self.parallel.at_step(batch.step);
         let step_targets: usize = batch.rows.iter().map(|r| r.n_targets).sum();
         let mine = self.parallel.rows(batch.rows, &model.config);
@@ -262,6 +266,7 @@ impl StepEngine {
             compute_s,
             comm_launch_s: comm.launch_s,
             comm_wait_s: comm.wait_s,
+            all_to_all_s: self.parallel.all_to_all_seconds() - exchanged,
             forward_s: phases.forward_s,
             head_s: phases.head_s,
             backward_s: phases.backward_s,
