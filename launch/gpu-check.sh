@@ -5,15 +5,21 @@
 #  1. `longmix env`: the binary really uses CUDA, and bf16 works.
 #  2. kernel-check: varlen flash attention over packed rows equals per-document attention
 #     (outputs, gradients, GQA, sliding window); the checkpointed + chunked-head path equals the
-#     plain one (f32, bf16); one cu_seqlens copy per forward; the allocator statistics; SDPA picks
-#     flash (or cuDNN), not the math kernel, for long bf16 rows.
-#  3. c10d-selftest on NCCL: collectives, the store, a bound device and an orderly shutdown (no
-#     "destroy_process_group() was not called" warning).
+#     plain one (f32, bf16); context parallelism over a one-rank NCCL group (the all-to-alls and
+#     their backward on the GPU) equals the plain step (f32, bf16); one cu_seqlens copy per
+#     forward; the allocator statistics; SDPA picks flash (or cuDNN), not the math kernel, for
+#     long bf16 rows.
+#  3. c10d-selftest on NCCL: collectives, the context-parallel all-to-all and its backward, the
+#     store, a bound device and an orderly shutdown (no "destroy_process_group() was not called"
+#     warning).
 #  4. Training on the GPU with the defaults (dtype auto = bf16, chunked LM head, float32
 #     gradient accumulation over 4 micro-batches): one plain process and world size 1 on NCCL
 #     give the same losses, both exit cleanly; float32 on long rows is refused with its fix.
 #  5. One benchmark step of the LLaMA-3.2-1B shape at 16k tokens: tokens/s, MFU, peak memory next
 #     to the plan's estimate.
+#  6. The memory of an LLaMA-3-8B-shaped step at 16k tokens (one rank's share of a 128k row at
+#     context parallel 8; 4 of its 32 layers, so that weights and AdamW fit one GPU) next to the
+#     sizing model's estimate for it (docs/distributed.md).
 #
 # Usage: launch/gpu-check.sh [MODEL_DIR]   (default: the embedded SmolLM2 of launch/setup.sh)
 # A binary built elsewhere works too: LONGMIX_BIN_DIR names the folder holding longmix,
@@ -117,6 +123,11 @@ step "5. one benchmark: LLaMA-3.2-1B shape, 16k tokens, bf16, layer checkpointin
 "$bin/longmix" bench --preset llama3.2-1b --device cuda --dtype bf16 --seq-len 16384 --checkpoint-layers \
   --steps 2 --warmup 1 --json "$out/bench-1b-16k.json" >/dev/null
 python3 benches/bench_summary.py "$out/bench-1b-16k.json"
+
+step "6. memory: LLaMA-3-8B shape (4 layers), 16k tokens = one rank's share of 128k at cp 8"
+"$bin/longmix" bench --preset llama3-8b --layers 4 --device cuda --dtype bf16 --seq-len 16384 --checkpoint-layers \
+  --loss-chunk 2048 --steps 1 --warmup 1 --json "$out/bench-8b-shape-16k.json" >/dev/null
+python3 benches/bench_summary.py "$out/bench-8b-shape-16k.json"
 
 echo
 echo "gpu-check: all CUDA checks passed"

@@ -13,7 +13,8 @@
 //! (`h`) is kept and one layer's set exists at a time, with about as much again for its
 //! gradients while it back-propagates. The LM head holds, per chunk, float32 logits, their
 //! log-softmax and the gradients of both (`4 * chunk * vocab`). The optimizer's temporaries are
-//! a few copies of the largest parameter (see [`MemoryEstimate::new`]). Under context
+//! a few copies of the largest parameter with the tensor-op AdamW, none with the fused kernel (see
+//! [`MemoryEstimate::new`]). Under context
 //! parallelism of size cp a rank holds T/cp of each row's tokens: every term above that counts
 //! tokens counts T/cp, and a layer's working set adds the all-to-alls' buffers (q, k, v and the
 //! attention output, sent and received: `2 (2q + 2kv')` per local token, with `kv'` the KV width
@@ -103,9 +104,9 @@ impl MemoryEstimate {
         let chunk = mem.loss_chunk.map_or(t, |c| (c as f64).min(t));
         let head = 4.0 * chunk * c.vocab_size as f64 * 4.0 + t * h * 4.0;
         let largest = (c.vocab_size * c.hidden_size).max(c.hidden_size * c.intermediate_size) as f64;
-        // The gradient norm squares one parameter at a time; the tensor-op AdamW makes about four
+        // The gradient norm is a reduction (no temporary); the tensor-op AdamW makes about four
         // float32 temporaries of a parameter, the fused kernel none.
-        let optimizer = largest * 4.0 + if opt.fused { 0.0 } else { 4.0 * largest * 4.0 };
+        let optimizer = if opt.fused { 0.0 } else { 4.0 * largest * 4.0 };
         let unattributed = if mem.checkpoint_layers { CPU_CHECKPOINT_UNATTRIBUTED * t * h * layers * 4.0 } else { 0.0 };
         let runtime = match device {
             Device::Cpu => CPU_RUNTIME_BYTES + CPU_RETENTION * (layer + head + optimizer) + unattributed,

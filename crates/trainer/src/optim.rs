@@ -70,7 +70,8 @@ pub fn grad_norm<'a>(grads: impl IntoIterator<Item = &'a Tensor>) -> f64 {
     let sq: Vec<Tensor> = grads
         .into_iter()
         .filter(|g| g.defined())
-        .map(|g| g.to_kind(Kind::Float).pow_tensor_scalar(2).sum(Kind::Float))
+        // A norm is a reduction: no float32 square of the whole tensor is ever made.
+        .map(|g| g.to_kind(Kind::Float).norm().square())
         .collect();
     if sq.is_empty() {
         return 0.0;

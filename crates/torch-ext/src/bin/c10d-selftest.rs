@@ -1,8 +1,9 @@
 //! `c10d-selftest BACKEND`: one rank of a collectives check, run by N processes at once
 //! (torchrun's variables: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; LOCAL_RANK picks the GPU
-//! for nccl). Every rank checks all-reduce (sum, max, min, async), reduce, broadcast, barrier and the
-//! store against values it computes itself, prints `ok rank R of W`, and exits non-zero on any
-//! mismatch. Used by the crate's tests (Gloo) and by `launch/gpu-check.sh` (NCCL).
+//! for nccl). Every rank checks all-reduce (sum, max, min, async), reduce, broadcast, the
+//! context-parallel all-to-all and its backward, barrier and the store against values it
+//! computes itself, prints `ok rank R of W`, and exits non-zero on any mismatch. Used by the
+//! crate's tests (Gloo) and by `launch/gpu-check.sh` (NCCL).
 
 use std::time::Duration;
 
@@ -80,6 +81,20 @@ fn main() -> Result<()> {
     if rank == root {
         expect(&t, w * (w + 1.0) / 2.0, "reduce")?;
     }
+    // The context-parallel exchange: block i of x goes to rank i; its backward sends each
+    // block's gradient back where the block came from.
+    let x = (Tensor::arange(2 * world as i64, (Kind::Float, device)).view([world as i64, 2]).floor_divide_scalar(2)
+        + 100.0 * rank as f64)
+        .set_requires_grad(true);
+    let y = pg.all_to_all(&x)?;
+    let want = Tensor::arange(world as i64, (Kind::Float, device)).unsqueeze(1) * 100.0 + rank as f64;
+    ensure!(
+        y.detach().eq_tensor(&want.expand([world as i64, 2], false)).all().int64_value(&[]) == 1,
+        "rank {rank}: all-to-all gave {y}"
+    );
+    let w = Tensor::arange(world as i64, (Kind::Float, device)).unsqueeze(1) + 1.0;
+    (&y * &w).sum(Kind::Float).backward();
+    expect(&x.grad().reshape([-1]), (rank + 1) as f64, "all-to-all backward")?;
     pg.store_set(&format!("selftest/{rank}"), &format!("hello from {rank}"))?;
     let peer = (rank + 1) % world;
     let got = pg.store_get(&format!("selftest/{peer}"), rv.timeout)?;

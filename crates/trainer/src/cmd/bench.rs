@@ -35,6 +35,10 @@ pub struct Args {
     /// qwen2.5-7b, qwen3-8b.
     #[arg(long)]
     pub preset: Option<String>,
+    /// The preset with this many decoder layers (its width unchanged): an 8B-shaped step whose
+    /// weights and optimizer fit one GPU, to measure the per-layer activation memory.
+    #[arg(long, requires = "preset")]
+    pub layers: Option<i64>,
     /// Tokens per row.
     #[arg(long, default_value_t = 2048)]
     pub seq_len: i64,
@@ -157,10 +161,12 @@ pub fn run(a: Args) -> Result<()> {
             (lm.vs, lm.model, dir.display().to_string())
         }
         (None, Some(p)) => {
-            let config = longmix_model::presets::preset(p)?;
+            let mut config = longmix_model::presets::preset(p)?;
+            config.num_hidden_layers = a.layers.unwrap_or(config.num_hidden_layers);
             let vs = nn::VarStore::new(device);
             let model = CausalLm::new(&vs.root(), config);
-            (vs, model, p.clone())
+            let name = a.layers.map_or(p.clone(), |n| format!("{p} ({n} layers)"));
+            (vs, model, name)
         }
         (None, None) => unreachable!("clap requires --model or --preset"),
     };
