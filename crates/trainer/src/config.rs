@@ -209,6 +209,10 @@ pub struct DistributedSection {
     /// Shard AdamW moments and float32 masters across ranks (ZeRO stage 1).
     #[serde(default)]
     pub zero1: bool,
+    /// Also shard the float32 gradients (ZeRO stage 2): every micro-batch's gradients are
+    /// reduced to the rank that updates them as the backward produces them. Needs `zero1`.
+    #[serde(default)]
+    pub zero2: bool,
     /// Assign rows to ranks by estimated compute (linear + causal attention FLOPs) instead of
     /// round-robin.
     #[serde(default = "default_true")]
@@ -387,6 +391,9 @@ impl TrainConfig {
         }
         if !(d.bucket_mb.is_finite() && d.bucket_mb > 0.0) {
             bail!("key `distributed.bucket_mb`: {} must be > 0", d.bucket_mb);
+        }
+        if d.zero2 && !d.zero1 {
+            bail!("key `distributed.zero2`: shards the gradients of ZeRO-1's parameter owners; set zero1 = true too");
         }
         if d.context_parallel == 0 {
             bail!("key `distributed.context_parallel`: must be >= 1 (1: no context parallelism)");

@@ -421,6 +421,9 @@ pub struct GradSync {
     buckets: Vec<Vec<usize>>,
     /// ZeRO-1: the rank each bucket is reduced to.
     bucket_owner: Option<Vec<usize>>,
+    /// ZeRO-2: every micro-batch is reduced, from autograd's fresh gradients, and added to the
+    /// owner's float32 sums (otherwise the step's float32 sums are reduced once, in place).
+    pub per_micro_batch: bool,
     /// The lowest decoder layer in each bucket (None: holds a parameter completed only at the end).
     ready_at: Vec<Option<usize>>,
 }
@@ -435,6 +438,13 @@ pub struct CommTimes {
     pub wait_s: f64,
 }
 
+impl CommTimes {
+    pub fn add(&mut self, o: CommTimes) {
+        self.launch_s += o.launch_s;
+        self.wait_s += o.wait_s;
+    }
+}
+
 /// Parameter indices in the order the backward completes them: layers from last to first,
 /// then the parameters completed only at the end; by (sorted) name within.
 fn backward_order(params: &[(String, Tensor)]) -> Vec<usize> {
@@ -447,8 +457,14 @@ fn backward_order(params: &[(String, Tensor)]) -> Vec<usize> {
 }
 
 impl GradSync {
-    /// `params` sorted by name (as every rank sorts them); `owner` for ZeRO-1 ([`owners`]).
-    pub fn new(params: &[(String, Tensor)], bucket_bytes: usize, owner: Option<&BTreeMap<String, usize>>) -> GradSync {
+    /// `params` sorted by name (as every rank sorts them); `owner` for ZeRO-1 ([`owners`]);
+    /// `per_micro_batch` for ZeRO-2.
+    pub fn new(
+        params: &[(String, Tensor)],
+        bucket_bytes: usize,
+        owner: Option<&BTreeMap<String, usize>>,
+        per_micro_batch: bool,
+    ) -> GradSync {
         let order = backward_order(params);
         let mut bucket_owner: Vec<usize> = Vec::new();
         let mut buckets: Vec<Vec<usize>> = Vec::new();
@@ -475,7 +491,7 @@ impl GradSync {
             };
             bytes += size;
         }
-        GradSync { buckets, bucket_owner: owner.map(|_| bucket_owner), ready_at }
+        GradSync { buckets, bucket_owner: owner.map(|_| bucket_owner), per_micro_batch, ready_at }
     }
 
     /// Start a step's reduction of `grads` (the parameters' order given to [`GradSync::new`]);
@@ -504,8 +520,13 @@ impl InFlight<'_> {
         let b = self.launched;
         self.launched += 1;
         let t0 = Instant::now();
-        let flat: Vec<Tensor> =
-            self.sync.buckets[b].iter().map(|&i| self.grads.get(i).detach().reshape([-1])).collect();
+        let flat: Vec<Tensor> = self.sync.buckets[b]
+            .iter()
+            .map(|&i| match self.sync.per_micro_batch {
+                true => self.grads.take_fresh(i),
+                false => self.grads.get(i).detach().reshape([-1]),
+            })
+            .collect();
         let buf = Tensor::cat(&flat, 0);
         let work = match &self.sync.bucket_owner {
             Some(owner) => self.pg.reduce_async(&buf, owner[b]),
@@ -521,7 +542,8 @@ impl InFlight<'_> {
     }
 
     /// Wait for the oldest bucket and copy its sum into the float32 gradients (ZeRO-1: on its
-    /// owner; the other ranks' gradients of those parameters stay partial and are not used).
+    /// owner; the other ranks' gradients of those parameters stay partial and are not used;
+    /// ZeRO-2: added to the owner's sums, dropped elsewhere).
     fn complete_oldest(&mut self) -> Result<()> {
         let (b, work, buf) = self.works.pop_front().expect("a bucket in flight");
         work.wait()?;
@@ -533,7 +555,12 @@ impl InFlight<'_> {
             for &i in &self.sync.buckets[b] {
                 let mut g = self.grads.get(i);
                 let n = g.numel() as i64;
-                g.copy_(&buf.narrow(0, off, n).view_as(&g));
+                let piece = buf.narrow(0, off, n);
+                if self.sync.per_micro_batch {
+                    self.grads.add(i, &piece);
+                } else {
+                    g.copy_(&piece.view_as(&g));
+                }
                 off += n;
             }
         });
@@ -789,22 +816,22 @@ mod tests {
             p("model.layers.1.b", 4),
             p("model.norm.weight", 1),
         ];
-        let s = GradSync::new(&params, 32, None);
+        let s = GradSync::new(&params, 32, None, false);
         // 32 bytes = 8 floats: layer 1's two, then layer 0's two, then the end-only group.
         assert_eq!(s.buckets, vec![vec![4, 5], vec![2, 3], vec![0], vec![1], vec![6]]);
         assert_eq!(s.ready_at, vec![Some(1), Some(0), None, None, None]);
-        assert_eq!(GradSync::new(&params, 1 << 20, None).buckets, vec![vec![4, 5, 2, 3], vec![0, 1, 6]]);
+        assert_eq!(GradSync::new(&params, 1 << 20, None, false).buckets, vec![vec![4, 5, 2, 3], vec![0, 1, 6]]);
         // ZeRO-1 over 2 ranks: the layers (16 elements) to rank 0, the end group (21) to rank 1;
         // a bucket never spans two owners.
         let o = owners(&params, 2);
         let load: Vec<usize> =
             (0..2).map(|r| params.iter().filter(|(n, _)| o[n] == r).map(|(_, t)| t.numel()).sum()).collect();
         assert_eq!(load, vec![16, 21]);
-        let z = GradSync::new(&params, 1 << 20, Some(&o));
+        let z = GradSync::new(&params, 1 << 20, Some(&o), false);
         assert_eq!(z.buckets, vec![vec![4, 5, 2, 3], vec![0, 1, 6]]);
         assert_eq!(z.bucket_owner, Some(vec![0, 1]));
         let o3 = owners(&params, 3);
-        let z3 = GradSync::new(&params, 1 << 20, Some(&o3));
+        let z3 = GradSync::new(&params, 1 << 20, Some(&o3), false);
         assert!(z3.bucket_owner.as_ref().unwrap().windows(2).all(|w| w[0] <= w[1]), "contiguous runs");
         assert_eq!(o3.values().collect::<std::collections::BTreeSet<_>>().len(), 3, "every rank owns something");
     }

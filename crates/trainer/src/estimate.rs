@@ -47,6 +47,9 @@ pub struct OptimizerMemory {
     pub bytes_per_element: u64,
     pub share: f64,
     pub fused: bool,
+    /// The share of the parameters whose float32 gradients a rank keeps (1, or 1 / world with
+    /// ZeRO-2).
+    pub grad_share: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -115,12 +118,16 @@ impl MemoryEstimate {
         // Gradients accumulate in float32 (`crate::grads`). In bf16/f16, autograd's own gradients
         // live until folded in: each layer's after its backward (all layers at once without
         // checkpointing), the embedding's and LM head's until the micro-batch ends.
-        let unfolded = match (kind, mem.checkpoint_layers) {
-            (Kind::Float, _) => 0.0,
-            (_, true) => 2.0 * largest * b,
-            (_, false) => n * b,
+        // ZeRO-2 takes each micro-batch's gradients from autograd as the reduction needs them,
+        // so they live as long as bf16 ones before their fold.
+        let sharded_grads = opt.grad_share < 1.0;
+        let unfolded = match (kind == Kind::Float && !sharded_grads, mem.checkpoint_layers) {
+            (true, _) => 0.0,
+            (false, true) => 2.0 * largest * b,
+            (false, false) => n * b,
         };
-        let state = n * b + n * 4.0 + unfolded + n * opt.share * opt.bytes_per_element as f64;
+        let grads = n * 4.0 * opt.grad_share;
+        let state = n * b + grads + unfolded + n * opt.share * opt.bytes_per_element as f64;
         MemoryEstimate { state, saved, layer, head, optimizer, runtime }
     }
 

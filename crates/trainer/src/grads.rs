@@ -7,6 +7,11 @@
 //! decoder layer when its backward is done, the rest after the micro-batch) and the bf16 one is
 //! freed; the data-parallel reduction, the gradient norm and AdamW then read the float32 sums.
 //! A float32 parameter's own `.grad` already accumulates in float32 and serves as is.
+//!
+//! With the gradients sharded (ZeRO-2) a rank keeps float32 sums only for the parameters it
+//! updates: each micro-batch's gradient is taken from autograd as soon as it is complete,
+//! reduced to its owner, and added to the owner's sum ([`Grads::take_fresh`], [`Grads::add`]),
+//! as DeepSpeed's stage 2 does.
 
 use longmix_torch_ext::optim::reset_grad;
 use tch::{Kind, Tensor};
@@ -23,20 +28,27 @@ struct Slot {
 /// The float32 gradients of a model's parameters, in the order given to [`Grads::new`].
 pub struct Grads {
     slots: Vec<Slot>,
+    /// ZeRO-2: sums only for this rank's parameters, filled by the reduction.
+    sharded: bool,
 }
 
 impl Grads {
-    /// For `params` (name, tensor) in the order every rank shares.
-    pub fn new(params: &[(String, Tensor)]) -> Grads {
+    /// For `params` (name, tensor) in the order every rank shares; with `owned` (ZeRO-2, one
+    /// flag per parameter) float32 sums only for the parameters this rank updates.
+    pub fn new(params: &[(String, Tensor)], owned: Option<&[bool]>) -> Grads {
         let slots = params
             .iter()
-            .map(|(name, p)| Slot {
-                param: p.shallow_clone(),
-                acc: (p.kind() != Kind::Float).then(|| Tensor::zeros_like(p).to_kind(Kind::Float)),
-                layer: layer_of(name),
+            .enumerate()
+            .map(|(i, (name, p))| {
+                let keep = owned.map_or(p.kind() != Kind::Float, |o| o[i]);
+                Slot {
+                    param: p.shallow_clone(),
+                    acc: keep.then(|| Tensor::zeros_like(p).to_kind(Kind::Float)),
+                    layer: layer_of(name),
+                }
             })
             .collect();
-        Grads { slots }
+        Grads { slots, sharded: owned.is_some() }
     }
 
     /// Clear every gradient (the start of a step).
@@ -59,8 +71,8 @@ impl Grads {
         });
     }
 
-    fn fold_slot(s: &Slot) {
-        let Some(acc) = &s.acc else { return };
+    fn fold_slot(&self, s: &Slot) {
+        let Some(acc) = s.acc.as_ref().filter(|_| !self.sharded) else { return };
         let g = s.param.grad();
         if g.defined() {
             tch::no_grad(|| {
@@ -70,14 +82,36 @@ impl Grads {
         }
     }
 
-    /// Decoder layer `layer`'s gradients are complete: fold them into float32.
+    /// Decoder layer `layer`'s gradients are complete: fold them into float32 (ZeRO-2: the
+    /// reduction does it).
     pub fn fold_layer(&self, layer: usize) {
-        self.slots.iter().filter(|s| s.layer == Some(layer)).for_each(Self::fold_slot);
+        self.slots.iter().filter(|s| s.layer == Some(layer)).for_each(|s| self.fold_slot(s));
     }
 
     /// A micro-batch is done: fold whatever is still pending (embedding, final norm, LM head).
     pub fn fold_all(&self) {
-        self.slots.iter().for_each(Self::fold_slot);
+        self.slots.iter().for_each(|s| self.fold_slot(s));
+    }
+
+    /// ZeRO-2: parameter `i`'s gradient from this micro-batch's backward, in float32 and
+    /// flattened (zeros when the backward did not reach it); autograd's copy is freed.
+    pub fn take_fresh(&self, i: usize) -> Tensor {
+        let p = &self.slots[i].param;
+        let g = p.grad();
+        if !g.defined() {
+            return Tensor::zeros([p.numel() as i64], (Kind::Float, p.device()));
+        }
+        let flat = g.detach().to_kind(Kind::Float).reshape([-1]);
+        reset_grad(p);
+        flat
+    }
+
+    /// ZeRO-2: add a reduced micro-batch gradient (flattened) to parameter `i`'s float32 sum.
+    pub fn add(&self, i: usize, g: &Tensor) {
+        let acc = self.slots[i].acc.as_ref().expect("ZeRO-2: only the owner adds its parameters' gradients");
+        tch::no_grad(|| {
+            let _ = acc.shallow_clone().g_add_(&g.view_as(acc));
+        });
     }
 
     /// Parameter `i`'s float32 gradient (undefined for a float32 parameter no backward reached).
@@ -142,7 +176,7 @@ mod tests {
             vs.set_kind(kind);
             let mut params: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
             params.sort_by(|a, b| a.0.cmp(&b.0));
-            let grads = Grads::new(&params);
+            let grads = Grads::new(&params, None);
             grads.zero();
             let targets = batch_targets(&self.ids, &self.pos);
             let scale = 1.0 / (8.0 * 95.0);

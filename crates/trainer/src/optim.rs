@@ -243,6 +243,7 @@ impl AdamW {
             bytes_per_element: self.state_bytes_per_element(),
             share,
             fused: self.is_fused(),
+            grad_share: 1.0,
         }
     }
 

@@ -431,3 +431,22 @@ fn smollm2_at_context_parallel_3_trains_what_one_process_trains() {
     eprintln!("SmolLM2-135M cp 3 vs one process after 2 steps: max |dw| = {d:.3e}, losses {a:?} vs {c:?}");
     assert!(d < TOL, "cp 3 differs from one process by {d}");
 }
+
+/// ZeRO-2 (float32 gradients kept by their owners only, every micro-batch reduced) trains what
+/// one process trains: 2 data-parallel ranks with 3 micro-batches each, and 2 x cp 2.
+#[test]
+fn zero2_trains_what_one_process_trains() {
+    let b = Bench::new();
+    let one = b.run("one", 4, "");
+    train(&one, 0, &[]);
+    let reference = weights(&b.root.join("one/ckpt/step-00000004"));
+    for (world, cp) in [(2, 1), (4, 2)] {
+        let name = format!("zero2-w{world}cp{cp}");
+        let extra = format!("[distributed]\nzero1 = true\nzero2 = true\ncontext_parallel = {cp}\n");
+        let out = train(&b.run(&name, 4, &extra), world, &[]);
+        assert!(out.contains(&format!("parameters identical on all {world} ranks")), "{out}");
+        let d = max_diff(&reference, &weights(&b.root.join(format!("{name}/ckpt/step-00000004"))));
+        eprintln!("ZeRO-2, world {world} = dp {} x cp {cp} vs one process: max |dw| = {d:.3e}", world / cp);
+        assert!(d < TOL, "ZeRO-2 on dp {} x cp {cp} differs from one process by {d}", world / cp);
+    }
+}

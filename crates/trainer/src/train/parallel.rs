@@ -36,11 +36,13 @@ pub struct ParallelDims {
     pub cp: usize,
     /// Whether each rank keeps the optimizer state of its share only (ZeRO-1, over all ranks).
     pub zero1: bool,
+    /// ZeRO-2: and the float32 gradients of its share only.
+    pub zero2: bool,
 }
 
 impl ParallelDims {
     /// One process.
-    pub const SINGLE: ParallelDims = ParallelDims { dp: 1, cp: 1, zero1: false };
+    pub const SINGLE: ParallelDims = ParallelDims { dp: 1, cp: 1, zero1: false, zero2: false };
 
     /// The layout of `world` ranks for the run of `cfg` on model `model`.
     pub fn new(world: usize, cfg: &TrainConfig, model: &ModelConfig) -> Result<ParallelDims> {
@@ -61,7 +63,8 @@ impl ParallelDims {
                  groups a row; use at least {dp}"
             );
         }
-        Ok(ParallelDims { dp, cp, zero1: world > 1 && cfg.distributed.zero1 })
+        let d = &cfg.distributed;
+        Ok(ParallelDims { dp, cp, zero1: world > 1 && d.zero1, zero2: world > 1 && d.zero2 })
     }
 
     pub fn world(&self) -> usize {
@@ -139,7 +142,7 @@ impl Parallel {
                 Ok::<_, anyhow::Error>(ContextParallel::new(pg))
             })
             .transpose()?;
-        let update = match dist.cfg.zero1 {
+        let update = match dims.zero1 {
             true => Update::Sharded(distributed::owners(params, dist.world())),
             false => Update::Replicated,
         };
@@ -147,7 +150,7 @@ impl Parallel {
             Update::Sharded(o) => Some(o),
             Update::Replicated => None,
         };
-        let sync = GradSync::new(params, (dist.cfg.bucket_mb * 1e6) as usize, owner);
+        let sync = GradSync::new(params, (dist.cfg.bucket_mb * 1e6) as usize, owner, dims.zero2);
         Ok(Parallel::Mesh(Box::new(Mesh { dist, dims, context, sync, update })))
     }
 
@@ -269,9 +272,25 @@ impl Parallel {
         }
     }
 
-    /// Whether the last micro-batch's layers start their reduction as their backward ends.
+    /// Whether the reduced micro-batch's layers start their reduction as their backward ends.
     pub fn overlaps(&self) -> bool {
         self.dist().is_some_and(|d| d.cfg.overlap)
+    }
+
+    /// Whether every micro-batch is reduced (ZeRO-2), not only a step's last.
+    pub fn reduces_every_micro_batch(&self) -> bool {
+        matches!(self, Parallel::Mesh(m) if m.dims.zero2)
+    }
+
+    /// ZeRO-2: which parameters this rank keeps float32 gradients of (None: all).
+    pub fn gradient_owners(&self, params: &[(String, Tensor)]) -> Option<Vec<bool>> {
+        match self {
+            Parallel::Mesh(m) if m.dims.zero2 => match &m.update {
+                Update::Sharded(owner) => Some(params.iter().map(|(n, _)| owner[n] == m.dist.rank()).collect()),
+                Update::Replicated => unreachable!("ZeRO-2 is validated to come with ZeRO-1"),
+            },
+            _ => None,
+        }
     }
 
     /// Sum the step's figures over the ranks (one collective).

@@ -71,6 +71,7 @@ impl<'a> RunPlan<'a> {
             bytes_per_element: 8 + masters,
             share,
             fused: self.cfg.optim.fused && fused_adamw_available(self.device),
+            grad_share: if self.dims.zero2 { share } else { 1.0 },
         };
         let tokens = (self.cfg.train.micro_batch_rows * self.cfg.train.seq_len) as i64;
         MemoryEstimate::new(&self.model, self.kind, opt, tokens, self.dims.cp, memory_options(self.cfg), self.device)
@@ -150,8 +151,8 @@ impl<'a> RunPlan<'a> {
             let d = &cfg.distributed;
             println!(
                 "  ranks          {world} = {dp} data parallel x {} context parallel; rows balanced by compute: {}, \
-                 overlap: {}, ZeRO-1: {}",
-                self.dims.cp, d.balance, d.overlap, self.dims.zero1
+                 overlap: {}, ZeRO-1: {}, ZeRO-2: {}",
+                self.dims.cp, d.balance, d.overlap, self.dims.zero1, self.dims.zero2
             );
         }
         if self.dims.cp > 1 {
@@ -220,7 +221,12 @@ impl<'a> RunPlan<'a> {
         let est = self.memory();
         let ranks = if world > 1 {
             let cp = (self.dims.cp > 1).then(|| format!("cp {}", self.dims.cp));
-            let notes: Vec<String> = cp.into_iter().chain(self.dims.zero1.then(|| "ZeRO-1".to_string())).collect();
+            let zero = match (self.dims.zero1, self.dims.zero2) {
+                (_, true) => Some("ZeRO-2".to_string()),
+                (true, false) => Some("ZeRO-1".to_string()),
+                _ => None,
+            };
+            let notes: Vec<String> = cp.into_iter().chain(zero).collect();
             let notes = if notes.is_empty() { String::new() } else { format!(" ({})", notes.join(", ")) };
             format!(" per rank of {world}{notes}")
         } else {

@@ -232,7 +232,7 @@ impl StepEngine {
         let parallel = Parallel::new(dist, dims, &params)?;
         let opt = AdamW::new(optim, parallel.optimizer_params(&params), kind);
         vs.set_kind(kind);
-        let grads = Grads::new(&params);
+        let grads = Grads::new(&params, parallel.gradient_owners(&params).as_deref());
         let device = vs.device();
         Ok(StepEngine { params, grads, opt, mem, micro_batch_rows, device, peak_tflops: peak_tflops(device), parallel })
     }
@@ -311,27 +311,37 @@ impl StepEngine {
         let t0 = Instant::now();
         let scale = 1.0 / step_targets.max(1) as f64;
         let (rank, world) = self.parallel.rank_world();
-        let (mut sums, mut phases) = (StepSums::new(world), Phases::default());
+        let (mut sums, mut phases, mut comm) = (StepSums::new(world), Phases::default(), CommTimes::default());
         self.grads.zero();
-        let mut reduction = self.parallel.begin_reduction(&self.grads);
+        let every = self.parallel.reduces_every_micro_batch();
         let micro: Vec<&[&Row]> = mine.chunks(self.micro_batch_rows).collect();
+        let mut reduction = None;
         for (k, mb) in micro.iter().enumerate() {
-            let reduce_now = self.parallel.overlaps() && k + 1 == micro.len();
+            let reduced = every || k + 1 == micro.len();
+            if reduced {
+                reduction = Some(self.parallel.begin_reduction(&self.grads));
+            }
+            let reduce_now = reduced && self.parallel.overlaps();
             let tokens = self.parallel.tokens(model, mb, self.device);
             let out = self.parallel.guard("forward and backward", || {
                 model.forward_backward_with(&tokens, scale, self.mem, &mut |layer| {
                     self.grads.fold_layer(layer);
-                    if reduce_now {
-                        reduction.layer_done(layer);
+                    if let (true, Some(r)) = (reduce_now, reduction.as_mut()) {
+                        r.layer_done(layer);
                     }
                 })
             })?;
             self.grads.fold_all();
             phases.add(&out.phases);
             sums.add(&out, mb, self.parallel.counts_rows());
+            if every {
+                comm.add(reduction.take().expect("begun above").finish()?);
+            }
         }
         let compute_s = t0.elapsed().as_secs_f64();
-        let comm = reduction.finish()?;
+        if let Some(r) = reduction {
+            comm.add(r.finish()?);
+        }
         sums.rank_compute_s[rank] = compute_s;
         sums.rank_wait_s[rank] = comm.wait_s;
         sums.rank_peak_rss_mb[rank] = peak_rss_mb();
