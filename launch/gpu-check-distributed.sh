@@ -5,6 +5,9 @@
 #  2. The same short training run on cuda:0 as one plain process and as world size 1 on NCCL
 #     (bucketed all-reduce, team checkpoint): the step losses and gradient norms must agree
 #     (within 1e-4 relative: CUDA's embedding backward sums with atomics).
+#  3. Context parallelism across 3 GPUs through torchrun (the model's 9 query / 3 KV heads: cp 3,
+#     one KV head per GPU): the same run's losses within bf16 rounding of the plain process
+#     (on 3 Gloo processes with DEVICE=cpu).
 # Needs launch/setup.sh's corpus and a model folder ($1, default the embedded SmolLM2). A binary
 # built elsewhere works too: point LD_LIBRARY_PATH at a torch 2.11 lib/ folder.
 set -euo pipefail
@@ -28,7 +31,7 @@ fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-for name in plain nccl1; do
+for name in plain nccl1 cp3; do
   cat >"$work/$name.toml" <<TOML
 [model]
 path = "$model"
@@ -57,6 +60,7 @@ short_rows = 0
 long_rows = 0
 [log]
 no_progress = true
+$([ "$name" = cp3 ] && printf '[distributed]\ncontext_parallel = 3\n')
 TOML
 done
 echo "== training: one plain process on $device"
@@ -74,3 +78,21 @@ for x, y in zip(a, b):
         assert d < 1e-4, f"world size 1 on NCCL differs from one process at step {x['step']} ({k})"
 print("world size 1 on the process group trains what one process trains")
 PY
+ranks=$([ "$device" = cpu ] && echo 3 || echo "$gpus")
+if [ "$ranks" -ge 3 ]; then
+  echo "== training: context parallel 3 on $backend, 3 ranks through torchrun"
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$torchrun" --nproc-per-node 3 --master-port 29614 --no-python \
+    "$bin" train --config "$work/cp3.toml"
+  python3 - "$work/plain/metrics.jsonl" "$work/cp3/metrics.jsonl" "$device" <<'PY'
+import json, sys
+a, b = ([m for m in map(json.loads, open(p)) if m["event"] == "step"] for p in sys.argv[1:3])
+tol = 1e-4 if sys.argv[3] == "cpu" else 2e-2  # bf16 on the GPU: the slices sum in another order
+assert len(a) == len(b) > 0, (len(a), len(b))
+for x, y in zip(a, b):
+    d = abs(x["loss"] - y["loss"]) / abs(x["loss"])
+    print(f"step {x['step']} loss: plain {x['loss']:.6f}  cp 3 {y['loss']:.6f}  rel diff {d:.1e}, "
+          f"all-to-all {y['all_to_all_s']:.3f} s of {y['step_s']:.3f} s")
+    assert d < tol, f"context parallel 3 differs from one process at step {x['step']}"
+print("context parallelism across 3 ranks trains what one process trains")
+PY
+fi
