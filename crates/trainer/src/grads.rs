@@ -183,7 +183,8 @@ mod tests {
             for r in (0..8).step_by(rows as usize) {
                 let (i, p, t) = (self.ids.narrow(0, r, rows), self.pos.narrow(0, r, rows), targets.narrow(0, r, rows));
                 if fp32_accumulation {
-                    model.forward_backward_with(&i, &p, &t, scale, opts, &mut |l| grads.fold_layer(l));
+                    let tokens = model.tokens(&i, &p, &t);
+                    model.forward_backward_with(&tokens, scale, opts, &mut |l| grads.fold_layer(l));
                     grads.fold_all();
                 } else {
                     model.forward_backward(&i, &p, &t, scale, opts);
