@@ -12,8 +12,9 @@
 //! * [`RunLog`]: the progress bar and the metrics sinks (rank 0);
 //! * [`run`]: the loop.
 //!
-//! Data parallelism lives in the layout (`parallel.rs`): every rank plans the same global batch
-//! of rows, trains its share, and the gradients are summed over the ranks while the backward
+//! Data and context parallelism live in the layout (`parallel.rs`): every rank plans the same
+//! global batch of rows, trains its data-parallel group's share (under context parallelism its
+//! slice of those rows' tokens), and the gradients are summed over the ranks while the backward
 //! runs; the loss is normalised by the target tokens of the whole global step, so N ranks
 //! compute what one process would with the same global batch.
 //!
@@ -65,8 +66,8 @@ pub struct Args {
     /// Stop (with a checkpoint) after this many steps of this invocation.
     #[arg(long)]
     pub stop_after: Option<u64>,
-    /// With --dry-run: plan for this many data-parallel ranks (memory per rank, with
-    /// `distributed.zero1`; estimated idle time with and without row balancing).
+    /// With --dry-run: plan for this many ranks (the mesh with `distributed.context_parallel`,
+    /// memory per rank with ZeRO-1/2; estimated idle time with and without row balancing).
     #[arg(long, requires = "dry_run")]
     pub world_size: Option<usize>,
 }

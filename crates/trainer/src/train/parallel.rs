@@ -131,17 +131,7 @@ impl Parallel {
     /// without `dist`, the mesh of `dims` with it (its context-parallel groups are made here).
     pub fn new(dist: Option<Dist>, dims: ParallelDims, params: &[(String, Tensor)]) -> Result<Parallel> {
         let Some(dist) = dist else { return Ok(Parallel::Single) };
-        let context = (dims.cp > 1)
-            .then(|| {
-                let (group, index) = dims.coords(dist.rank());
-                let pg = dist
-                    .pg
-                    .subgroup(&format!("cp/{group}/"), index, dims.cp)
-                    .map_err(|e| dist.failure(&format!("set-up of context-parallel group {group}"), e))?;
-                quiet_exchange_panics();
-                Ok::<_, anyhow::Error>(ContextParallel::new(pg))
-            })
-            .transpose()?;
+        let context = if dims.cp > 1 { Some(context_group(&dist, dims)?) } else { None };
         let update = match dims.zero1 {
             true => Update::Sharded(distributed::owners(params, dist.world())),
             false => Update::Replicated,
@@ -352,10 +342,22 @@ impl Parallel {
         self.dist().map_or(Ok(()), |d| d.reduce_f64(values, ReduceOp::Sum, what))
     }
 
-    /// Data parallel: wait for every rank and shut the process group down in order.
+    /// Wait for every rank and shut the process groups down in order.
     pub fn finish(&self) -> Result<()> {
-        self.dist().map_or(Ok(()), Dist::finish)
+        self.dist().map_or(Ok(()), Dist::finish)?;
+        self.context().map_or(Ok(()), |cp| cp.group().shutdown())
     }
+}
+
+/// This rank's context-parallel group: `cp` consecutive ranks, built together by its members.
+fn context_group(dist: &Dist, dims: ParallelDims) -> Result<ContextParallel> {
+    let (group, index) = dims.coords(dist.rank());
+    let pg = dist
+        .pg
+        .subgroup(&format!("cp/{group}/"), index, dims.cp)
+        .map_err(|e| dist.failure(&format!("set-up of context-parallel group {group}"), e))?;
+    quiet_exchange_panics();
+    Ok(ContextParallel::new(pg))
 }
 
 /// The text of a panic's payload, when it has one.
