@@ -244,23 +244,48 @@ fn a_killed_rank_stops_the_others_with_its_name() {
     }
 }
 
+/// Data parallel and context parallel (the hung rank is the other half of every row).
 #[test]
 fn a_hung_rank_stops_the_others_within_the_timeout() {
     let b = Bench::new();
-    let cfg = b.run("hang", 200, "[distributed]\ntimeout_s = 5\n");
-    let mut kids = launch(&cfg, 2, &[]);
-    wait_for_a_step(&b.root.join("hang/ckpt/metrics.jsonl"));
-    // SIGSTOP: the process stays alive, its sockets open, and answers nothing.
-    unsafe { libc::kill(kids[1].id() as i32, libc::SIGSTOP) };
-    let stopped = Instant::now();
-    let out = kids.remove(0).wait_with_output().unwrap();
-    let took = stopped.elapsed();
-    kids[0].kill().unwrap();
-    let msg = text(&out);
-    eprintln!("rank 0 stopped {took:?} after rank 1 hung:\n{msg}");
-    assert!(!out.status.success(), "{msg}");
-    assert!(took >= Duration::from_secs(4) && took < Duration::from_secs(30), "took {took:?}");
-    assert!(msg.contains("rank(s) 1 did not answer") && msg.contains("timeout_s = 5"), "{msg}");
+    for (name, cp) in [("hang", 1), ("cphang", 2)] {
+        let cfg = b.run(name, 200, &format!("[distributed]\ntimeout_s = 5\ncontext_parallel = {cp}\n"));
+        let mut kids = launch(&cfg, 2, &[]);
+        wait_for_a_step(&b.root.join(format!("{name}/ckpt/metrics.jsonl")));
+        // SIGSTOP: the process stays alive, its sockets open, and answers nothing.
+        unsafe { libc::kill(kids[1].id() as i32, libc::SIGSTOP) };
+        let stopped = Instant::now();
+        let out = kids.remove(0).wait_with_output().unwrap();
+        let took = stopped.elapsed();
+        kids[0].kill().unwrap();
+        let msg = text(&out);
+        eprintln!("cp {cp}: rank 0 stopped {took:?} after rank 1 hung:\n{msg}");
+        assert!(!out.status.success(), "{msg}");
+        assert!(took >= Duration::from_secs(4) && took < Duration::from_secs(30), "took {took:?}");
+        assert!(msg.contains("rank(s) 1 did not answer") && msg.contains("timeout_s = 5"), "{msg}");
+    }
+}
+
+/// A SIGTERM to one rank of a context-parallel group stops both at the same step, with a
+/// checkpoint, and both exit cleanly.
+#[test]
+fn a_signal_to_one_rank_of_a_context_parallel_group_stops_both_with_a_checkpoint() {
+    let b = Bench::new();
+    let cfg = b.run("cpsig", 200, "[distributed]\ncontext_parallel = 2\n");
+    let kids = launch(&cfg, 2, &[]);
+    wait_for_a_step(&b.root.join("cpsig/ckpt/metrics.jsonl"));
+    unsafe { libc::kill(kids[1].id() as i32, libc::SIGTERM) };
+    let outs: Vec<Output> = kids.into_iter().map(|k| k.wait_with_output().unwrap()).collect();
+    for (r, o) in outs.iter().enumerate() {
+        assert!(o.status.success(), "rank {r} should stop cleanly:\n{}", text(o));
+    }
+    let msg = text(&outs[0]);
+    let step: u64 =
+        msg.split("stopped at step ").nth(1).and_then(|t| t.split_whitespace().next()).unwrap().parse().unwrap();
+    assert!(step < 200, "{msg}");
+    let ck = b.root.join(format!("cpsig/ckpt/step-{step:08}"));
+    assert!(ck.join("MANIFEST.json").exists(), "no checkpoint of the step both ranks stopped at:\n{msg}");
+    eprintln!("SIGTERM to rank 1: both ranks stopped at step {step} with a checkpoint");
 }
 
 #[test]
