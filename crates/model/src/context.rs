@@ -103,7 +103,7 @@ impl ContextParallel {
 /// divides the KV heads or is a multiple of them (KV heads repeated).
 pub fn context_parallel_sizes(c: &ModelConfig) -> Vec<usize> {
     let (h, kv) = (c.num_attention_heads as usize, c.num_key_value_heads as usize);
-    (1..=h).filter(|cp| h % cp == 0 && (kv % cp == 0 || cp % kv == 0)).collect()
+    (1..=h).filter(|&cp| h.is_multiple_of(cp) && (kv.is_multiple_of(cp) || cp.is_multiple_of(kv))).collect()
 }
 
 /// Refuse a context-parallel size the model's heads cannot be split into.

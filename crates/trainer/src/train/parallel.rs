@@ -47,8 +47,8 @@ impl ParallelDims {
     /// The layout of `world` ranks for the run of `cfg` on model `model`.
     pub fn new(world: usize, cfg: &TrainConfig, model: &ModelConfig) -> Result<ParallelDims> {
         let cp = cfg.distributed.context_parallel;
-        if world % cp != 0 {
-            let divisors: Vec<usize> = (1..=world).filter(|d| world % d == 0).collect();
+        if !world.is_multiple_of(cp) {
+            let divisors: Vec<usize> = (1..=world).filter(|&d| world.is_multiple_of(d)).collect();
             bail!(
                 "key `distributed.context_parallel`: {cp} does not divide the {world} ranks of the run (world = data \
                  parallel x context parallel); use one of {divisors:?}, or start a multiple of {cp} ranks"
