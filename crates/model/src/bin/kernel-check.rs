@@ -58,28 +58,51 @@ const TINY: &str = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 256
   "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 1000,
   "max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": false}"#;
 
-fn checkpointing(device: Device, kind: Kind) -> Result<()> {
-    tch::manual_seed(2);
-    let mut vs = nn::VarStore::new(device);
-    let model = CausalLm::new(&vs.root(), ModelConfig::from_json_str(TINY)?);
-    vs.set_kind(kind);
-    let ids = Tensor::randint(1000, [2, 1024], (Kind::Int64, device));
-    let packed: Vec<i64> = [300, 500, 224].iter().flat_map(|&n| 0..n).collect();
-    let pos = Tensor::stack(&[Tensor::from_slice(&packed), Tensor::arange(1024, (Kind::Int64, Device::Cpu))], 0)
-        .to_device(device);
-    let targets = batch_targets(&ids, &pos);
-    let run = |opts: MemoryOptions| {
-        for v in vs.trainable_variables() {
+/// The small LLaMA of these checks in `kind` on a mixed batch (a packed row of 300, 500 and 224
+/// tokens, a 1024-token row).
+struct Case {
+    vs: nn::VarStore,
+    model: CausalLm,
+    ids: Tensor,
+    pos: Tensor,
+    targets: Tensor,
+}
+
+impl Case {
+    fn new(device: Device, kind: Kind, seed: i64) -> Result<Case> {
+        tch::manual_seed(seed);
+        let mut vs = nn::VarStore::new(device);
+        let model = CausalLm::new(&vs.root(), ModelConfig::from_json_str(TINY)?);
+        vs.set_kind(kind);
+        let ids = Tensor::randint(1000, [2, 1024], (Kind::Int64, device));
+        let packed: Vec<i64> = [300, 500, 224].iter().flat_map(|&n| 0..n).collect();
+        let pos = Tensor::stack(&[Tensor::from_slice(&packed), Tensor::arange(1024, (Kind::Int64, Device::Cpu))], 0)
+            .to_device(device);
+        let targets = batch_targets(&ids, &pos);
+        Ok(Case { vs, model, ids, pos, targets })
+    }
+
+    /// The summed loss of `tokens` and every parameter's gradient (as float32), from zero.
+    fn step(&self, tokens: &Tokens, opts: MemoryOptions) -> (f64, Vec<Tensor>) {
+        for v in self.vs.trainable_variables() {
             let mut g = v.grad();
             if g.defined() {
                 let _ = g.zero_();
             }
         }
-        let loss = model.forward_backward(&ids, &pos, &targets, 1e-3, opts).loss.sum();
-        let grads: Vec<Tensor> =
-            vs.trainable_variables().iter().map(|v| v.grad().to_kind(Kind::Float).copy()).collect();
+        let loss = self.model.forward_backward_with(tokens, 1e-3, opts, &mut |_| {}).loss.sum();
+        let grads = self.vs.trainable_variables().iter().map(|v| v.grad().to_kind(Kind::Float).copy()).collect();
         (loss, grads)
-    };
+    }
+
+    fn whole_rows(&self) -> Tokens {
+        self.model.tokens(&self.ids, &self.pos, &self.targets)
+    }
+}
+
+fn checkpointing(device: Device, kind: Kind) -> Result<()> {
+    let case = Case::new(device, kind, 2)?;
+    let run = |opts: MemoryOptions| case.step(&case.whole_rows(), opts);
     let plain = run(MemoryOptions::default());
     let uploads = CuSeqlens::uploads();
     let ckpt = run(MemoryOptions { checkpoint_layers: true, loss_chunk: Some(300), sync_phases: false });
@@ -116,30 +139,10 @@ fn context(device: Device, kind: Kind) -> Result<()> {
     };
     let backend = if device.is_cuda() { Backend::Nccl } else { Backend::Gloo };
     let cp = ContextParallel::new(ProcessGroup::new(backend, &rv)?);
-    tch::manual_seed(3);
-    let mut vs = nn::VarStore::new(device);
-    let model = CausalLm::new(&vs.root(), ModelConfig::from_json_str(TINY)?);
-    vs.set_kind(kind);
-    let ids = Tensor::randint(1000, [2, 1024], (Kind::Int64, device));
-    let packed: Vec<i64> = [300, 500, 224].iter().flat_map(|&n| 0..n).collect();
-    let pos = Tensor::stack(&[Tensor::from_slice(&packed), Tensor::arange(1024, (Kind::Int64, Device::Cpu))], 0)
-        .to_device(device);
-    let targets = batch_targets(&ids, &pos);
+    let case = Case::new(device, kind, 3)?;
     let opts = MemoryOptions { checkpoint_layers: true, loss_chunk: Some(300), sync_phases: false };
-    let run = |tokens: Tokens| {
-        for v in vs.trainable_variables() {
-            let mut g = v.grad();
-            if g.defined() {
-                let _ = g.zero_();
-            }
-        }
-        let loss = model.forward_backward_with(&tokens, 1e-3, opts, &mut |_| {}).loss.sum();
-        let grads: Vec<Tensor> =
-            vs.trainable_variables().iter().map(|v| v.grad().to_kind(Kind::Float).copy()).collect();
-        (loss, grads)
-    };
-    let plain = run(model.tokens(&ids, &pos, &targets));
-    let sliced = run(model.slice_tokens(&ids, &pos, &targets, &cp));
+    let plain = case.step(&case.whole_rows(), opts);
+    let sliced = case.step(&case.model.slice_tokens(&case.ids, &case.pos, &case.targets, &cp), opts);
     let exchanged = cp.group().all_to_all_seconds();
     let worst = plain.1.iter().zip(&sliced.1).map(|(a, b)| max_rel(b, a)).fold(0.0, f64::max);
     let dloss = (plain.0 - sliced.0).abs() / plain.0.abs();
