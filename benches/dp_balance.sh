@@ -15,38 +15,7 @@ cd "$(dirname "$0")/.."
 steps=${1:-8}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-.venv/bin/python - "$work/model" <<'PY'
-import json, os, struct, sys, shutil
-import torch
-out = sys.argv[1]
-os.makedirs(out)
-cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
-       "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 8, "num_attention_heads": 4,
-       "num_key_value_heads": 2, "max_position_embeddings": 512, "rope_theta": 10000.0,
-       "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "hidden_act": "silu",
-       "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
-json.dump(cfg, open(f"{out}/config.json", "w"))
-g = torch.Generator().manual_seed(0)
-h, i, L, kv = 64, 128, 8, 32
-shapes = {"model.embed_tokens.weight": (49152, h), "model.norm.weight": (h,)}
-for l in range(L):
-    p = f"model.layers.{l}."
-    shapes.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-                   p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                   p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
-                   p + "post_attention_layernorm.weight": (h,)})
-tensors = {k: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.05) for k, s in shapes.items()}
-header, blobs, off = {}, [], 0
-for k, t in tensors.items():
-    b = struct.pack(f"<{t.numel()}f", *t.flatten().tolist())
-    header[k] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [off, off + len(b)]}
-    blobs.append(b); off += len(b)
-hb = json.dumps(header).encode(); hb += b" " * (-len(hb) % 8)
-with open(f"{out}/model.safetensors", "wb") as f:
-    f.write(struct.pack("<Q", len(hb))); f.write(hb); [f.write(b) for b in blobs]
-shutil.copy(".cache/models/smollm2-135m/tokenizer.json", out)
-PY
+.venv/bin/python benches/random_llama.py "$work/model" --hidden 64 --intermediate 128 --layers 8 --heads 4 --kv-heads 2
 run() {  # name balance overlap
   cat >"$work/$1.toml" <<TOML
 [model]
