@@ -300,7 +300,8 @@ impl StepEngine {
     }
 
     /// Forward and backward of this rank's rows in micro-batches, each layer's gradients folded
-    /// into float32 as its backward ends (and, in the last micro-batch, reduced right away).
+    /// into float32 as its backward ends (and, in the last micro-batch or with ZeRO-2 in every
+    /// one, reduced right away; a rank without rows still joins the reduction).
     /// Returns the step's sums (this rank's), phases, communication times and compute seconds.
     fn forward_backward(
         &self,
@@ -315,7 +316,7 @@ impl StepEngine {
         self.grads.zero();
         let every = self.parallel.reduces_every_micro_batch();
         let micro: Vec<&[&Row]> = mine.chunks(self.micro_batch_rows).collect();
-        let mut reduction = None;
+        let mut reduction = micro.is_empty().then(|| self.parallel.begin_reduction(&self.grads));
         for (k, mb) in micro.iter().enumerate() {
             let reduced = every || k + 1 == micro.len();
             if reduced {
