@@ -366,6 +366,17 @@ fn losses(metrics: &Path) -> Vec<f64> {
     step_lines(metrics).iter().map(|s| s["loss"].as_f64().unwrap()).collect()
 }
 
+/// The held-out short and long losses of every evaluation of a run.
+fn held_out(metrics: &Path) -> Vec<f64> {
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "eval")
+        .flat_map(|v| [v["heldout_short"].as_f64().unwrap(), v["heldout_long"].as_f64().unwrap()])
+        .collect()
+}
+
 /// Context parallelism (cp 2, cp 4 with the tiny model's 2 KV heads repeated, and 2 data-parallel
 /// groups of cp 2) trains what one process trains: the same rows, each row's tokens split over
 /// its group, the gradients summed over all ranks.
@@ -394,6 +405,10 @@ fn context_parallel_ranks_train_what_one_process_trains() {
         );
         assert!(d < TOL, "dp {} x cp {cp} differs from one process by {d}", world / cp);
         assert!(worst_loss < 1e-4, "losses differ by {worst_loss}");
+        // The held-out evaluation scores each row's slices on its group's ranks.
+        let (e1, e) = (held_out(&b.root.join("one/ckpt/metrics.jsonl")), held_out(&metrics));
+        assert!(!e1.is_empty() && e1.len() == e.len(), "held-out {e1:?} vs {e:?}");
+        assert!(e1.iter().zip(&e).all(|(a, c)| (a - c).abs() < 1e-4), "held-out {e1:?} vs {e:?}");
         for s in &steps {
             // Each row counted once, whatever the number of ranks sharing it.
             assert_eq!(s["rows_short"].as_u64().unwrap() + s["rows_long"].as_u64().unwrap(), 6, "{s}");
