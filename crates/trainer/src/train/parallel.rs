@@ -132,7 +132,7 @@ impl Parallel {
     pub fn new(dist: Option<Dist>, dims: ParallelDims, params: &[(String, Tensor)]) -> Result<Parallel> {
         let Some(dist) = dist else { return Ok(Parallel::Single) };
         let context = if dims.cp > 1 { Some(context_group(&dist, dims)?) } else { None };
-        let update = match dims.zero1 {
+        let update = match dist.cfg.zero1 {
             true => Update::Sharded(distributed::owners(params, dist.world())),
             false => Update::Replicated,
         };
