@@ -24,10 +24,9 @@ use longmix_core::IGNORE_INDEX;
 use longmix_torch_ext::c10d::ProcessGroup;
 use tch::{Kind, Tensor};
 
-use crate::attention::Plan;
 use crate::config::ModelConfig;
 use crate::rope::row_lengths;
-use crate::transformer::{CausalLm, Positions, Tokens};
+use crate::transformer::{CausalLm, Tokens};
 
 /// The start of every message of a failed exchange (a dead or hung peer), which the trainer
 /// turns into its error naming the rank.
@@ -153,15 +152,9 @@ impl CausalLm {
                 pad_with(targets, pad, &(zeros.shallow_clone() + IGNORE_INDEX)),
             )
         };
+        // The lengths of the rows before padding.
         let lengths = row_lengths(position_ids);
-        let (cos, sin) = self.config.rope.cos_sin_for(&cp.slice(&pos), &lengths);
-        let positions = Positions {
-            cos,
-            sin,
-            plan: Plan::new(&pos, self.config.sliding_window),
-            windows: lengths.iter().map(|&l| self.config.rope.window(l)).collect(),
-            context: Some(cp.clone()),
-        };
+        let positions = self.positions_within(&pos, &lengths, &cp.slice(&pos), Some(cp.clone()));
         Tokens { input_ids: cp.slice(&ids), targets: cp.slice(&tgt), positions }
     }
 }

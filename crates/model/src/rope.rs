@@ -83,11 +83,6 @@ impl RopeConfig {
         Window::of_len(len, self.original_max_position_embeddings)
     }
 
-    /// The window of every row of `position_ids` `[B, T]`, by its own length (max position + 1).
-    pub fn row_windows(&self, position_ids: &Tensor) -> Vec<Window> {
-        row_lengths(position_ids).into_iter().map(|len| self.window(len)).collect()
-    }
-
     /// The attention factor that multiplies cos and sin.
     pub fn attention_factor(&self) -> f64 {
         match &self.scaling {

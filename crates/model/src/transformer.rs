@@ -16,7 +16,7 @@ use longmix_core::Window;
 use crate::attention::Plan;
 use crate::config::{Architecture, ModelConfig};
 use crate::context::ContextParallel;
-use crate::rope::apply_rotary;
+use crate::rope::{apply_rotary, row_lengths};
 
 /// HF `LlamaRMSNorm`: normalise in float32, cast back, then scale.
 #[derive(Debug)]
@@ -247,13 +247,25 @@ impl CausalLm {
 
     /// Rotary tables (window picked per row) and the attention plan for `position_ids` `[B, T]`.
     pub fn positions(&self, position_ids: &Tensor) -> Positions {
-        let (cos, sin) = self.config.rope.cos_sin(position_ids);
+        self.positions_within(position_ids, &row_lengths(position_ids), position_ids, None)
+    }
+
+    /// [`Positions`] of `local` (all of the rows `whole`, or a context-parallel slice of them):
+    /// the RoPE tables and windows of rows of lengths `lengths`, the attention plan of `whole`.
+    pub(crate) fn positions_within(
+        &self,
+        whole: &Tensor,
+        lengths: &[i64],
+        local: &Tensor,
+        context: Option<ContextParallel>,
+    ) -> Positions {
+        let (cos, sin) = self.config.rope.cos_sin_for(local, lengths);
         Positions {
             cos,
             sin,
-            plan: Plan::new(position_ids, self.config.sliding_window),
-            windows: self.config.rope.row_windows(position_ids),
-            context: None,
+            plan: Plan::new(whole, self.config.sliding_window),
+            windows: lengths.iter().map(|&l| self.config.rope.window(l)).collect(),
+            context,
         }
     }
 
