@@ -162,10 +162,13 @@ impl<'a> RunPlan<'a> {
             } else {
                 format!("1 KV head (each of the {kv} repeated {}x)", cp / kv)
             };
+            let groups = match self.dims.dp {
+                1 => format!("ranks 0..{cp}"),
+                dp => format!("{dp} groups of {cp} consecutive ranks (0..{cp}, {cp}..{}, ...)", 2 * cp),
+            };
             println!(
-                "  context        ranks {{0..{cp}}}, {{{cp}..{}}}, ... split each row: {} tokens of a {}-token row and \
-                 {} query heads with {kv_note} per rank in attention",
-                2 * cp,
+                "  context        {groups} split each row: {} tokens of a {}-token row and {} query heads with \
+                 {kv_note} per rank in attention",
                 (t.seq_len as u64).div_ceil(cp as u64),
                 t.seq_len,
                 h / cp
