@@ -512,6 +512,10 @@ dir = "runs/x"
         assert_eq!(c.rope.init, Some(FactorSet::Longrope2));
         let e = err(&MINIMAL.replace("steps = 10", "steps = 10\ntokens = 5"));
         assert!(e.contains("not both"), "{e}");
+        let e = err(&format!("{MINIMAL}\n[distributed]\nzero2 = true\n"));
+        assert!(e.contains("`distributed.zero2`") && e.contains("set zero1 = true too"), "{e}");
+        let e = err(&format!("{MINIMAL}\n[distributed]\ncontext_parallel = 0\n"));
+        assert!(e.contains("`distributed.context_parallel`") && e.contains("must be >= 1"), "{e}");
     }
 
     #[test]
