@@ -4,10 +4,12 @@
 //! * [`IGNORE_INDEX`] and [`next_token_targets`]: the labels of packed rows;
 //! * [`SplitMix64`]: the seedable generator every deterministic choice starts from;
 //! * [`fsx`]: atomic file writes (temporary file, fsync, rename, fsync of the folder);
+//! * [`checksum`]: the checksums of checkpoint and export files, taken as they are written;
 //! * [`config`]: TOML parsing whose errors name the key path.
 //!
 //! No LibTorch here: the data pipeline uses it as well as the model.
 
+pub mod checksum;
 pub mod config;
 pub mod fsx;
 

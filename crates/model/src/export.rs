@@ -10,19 +10,27 @@
 //!   kept, the `architectures` class name included.
 //! * Tokenizer and generation files copied from the source folder.
 //!
-//! Everything is written to `<out>.partial` and renamed into place at the end.
+//! * `SHA256SUMS`: every other file's SHA-256, taken as it was written, in the form
+//!   `sha256sum -c SHA256SUMS` checks (and `longmix verify`); the weights' sums are the ones the
+//!   Hugging Face Hub shows for LFS files.
+//!
+//! Everything is written (and synced) to `<out>.partial` and renamed into place at the end.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use safetensors::tensor::TensorView;
-use safetensors::Dtype;
+use longmix_core::checksum::{parse_sums_text, sums_text, write_summed, Algo, Expected};
 use serde_json::{json, Map, Value};
 use tch::{nn, Kind, Tensor};
 
 use crate::config::{Architecture, ModelConfig};
 use crate::extension::Extension;
+use crate::tensor_file::write_safetensors;
+
+/// The export's checksums of its other files, `sha256sum` style.
+pub const SUMS_FILE: &str = "SHA256SUMS";
 
 #[derive(Debug, Clone)]
 pub struct ExportOptions {
@@ -46,11 +54,11 @@ const TOKENIZER_FILES: &[&str] = &[
     "chat_template.jinja",
 ];
 
-fn dtype_names(kind: Kind) -> Result<(Dtype, &'static str)> {
+fn dtype_name(kind: Kind) -> Result<&'static str> {
     Ok(match kind {
-        Kind::Float => (Dtype::F32, "float32"),
-        Kind::BFloat16 => (Dtype::BF16, "bfloat16"),
-        Kind::Half => (Dtype::F16, "float16"),
+        Kind::Float => "float32",
+        Kind::BFloat16 => "bfloat16",
+        Kind::Half => "float16",
         k => bail!("cannot export weights as {k:?}: use f32, bf16 or f16"),
     })
 }
@@ -115,6 +123,23 @@ fn write_qwen_window(config: &ModelConfig, window: Option<i64>, c: &mut Map<Stri
     }
 }
 
+/// The shards of `vars` in name order, each under `max_bytes` of `elt`-byte elements (a tensor
+/// larger than that alone in its shard).
+fn plan_shards(vars: &BTreeMap<String, Tensor>, elt: u64, max_bytes: u64) -> Vec<Vec<&String>> {
+    let mut shards: Vec<Vec<&String>> = vec![vec![]];
+    let mut used = 0u64;
+    for (name, t) in vars {
+        let bytes = t.numel() as u64 * elt;
+        if used > 0 && used + bytes > max_bytes {
+            shards.push(vec![]);
+            used = 0;
+        }
+        shards.last_mut().unwrap().push(name);
+        used += bytes;
+    }
+    shards
+}
+
 /// Export the variables of `vs` (HF names) with `config` into the new folder `out`.
 pub fn export_hf(
     vs: &nn::VarStore,
@@ -126,7 +151,7 @@ pub fn export_hf(
     if out.exists() {
         bail!("{} already exists: choose another --out or remove it first", out.display());
     }
-    let (dtype, dtype_name) = dtype_names(opts.dtype)?;
+    let dtype_name = dtype_name(opts.dtype)?;
     let cfg = exported_config(config, dtype_name, opts.rope.as_ref())?;
     let partial = out.with_extension("partial");
     if partial.exists() {
@@ -134,54 +159,56 @@ pub fn export_hf(
     }
     std::fs::create_dir_all(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
 
-    // Plan shards in name order, then write them.
     let vars: BTreeMap<String, Tensor> =
         vs.variables().into_iter().filter(|(k, _)| !(config.tie_word_embeddings && k == "lm_head.weight")).collect();
     let elt = opts.dtype.elt_size_in_bytes() as u64;
-    let mut shards: Vec<Vec<&String>> = vec![vec![]];
-    let mut used = 0u64;
-    for (name, t) in &vars {
-        let bytes = t.numel() as u64 * elt;
-        if used > 0 && used + bytes > opts.max_shard_bytes {
-            shards.push(vec![]);
-            used = 0;
-        }
-        shards.last_mut().unwrap().push(name);
-        used += bytes;
-    }
+    let shards = plan_shards(&vars, elt, opts.max_shard_bytes);
     let n = shards.len();
     let mut weight_map = Map::new();
-    let mut total = 0u64;
+    let mut sums = BTreeMap::new();
     for (i, names) in shards.iter().enumerate() {
         let file = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
-        let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        let tensors: Vec<(String, Tensor)> =
+            names.iter().map(|&name| (name.clone(), vars[name].shallow_clone())).collect();
         for name in names {
-            let t = vars[*name].detach().to_device(tch::Device::Cpu).to_kind(opts.dtype).contiguous();
-            let numel = t.numel();
-            let mut buf = vec![0u8; numel * elt as usize];
-            t.copy_data_u8(&mut buf, numel);
-            total += buf.len() as u64;
-            buffers.push(((*name).clone(), t.size().iter().map(|&d| d as usize).collect(), buf));
             weight_map.insert((*name).clone(), json!(file));
         }
-        let views = buffers
-            .iter()
-            .map(|(name, shape, buf)| Ok((name.as_str(), TensorView::new(dtype, shape.clone(), buf)?)))
-            .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        safetensors::serialize_to_file(views, Some(meta), &partial.join(&file))
-            .with_context(|| format!("cannot write {}", partial.join(&file).display()))?;
+        let sum = write_safetensors(&partial.join(&file), &tensors, Some(opts.dtype), Some(meta), Algo::Sha256)?;
+        sums.insert(file, sum);
     }
+    let total: u64 = vars.values().map(|t| t.numel() as u64 * elt).sum();
     let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
-    std::fs::write(partial.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?)?;
-    std::fs::write(partial.join("config.json"), serde_json::to_string_pretty(&Value::Object(cfg))?)?;
-    if let Some(src) = source_dir {
-        for f in TOKENIZER_FILES {
-            if src.join(f).exists() {
-                std::fs::copy(src.join(f), partial.join(f)).with_context(|| format!("cannot copy {f}"))?;
-            }
-        }
+    let mut write_text = |name: &str, text: String| -> Result<()> {
+        sums.insert(
+            name.into(),
+            write_summed(&partial.join(name), Algo::Sha256, |w| Ok(w.write_all(text.as_bytes())?))?,
+        );
+        Ok(())
+    };
+    write_text("model.safetensors.index.json", serde_json::to_string_pretty(&index)?)?;
+    write_text("config.json", serde_json::to_string_pretty(&Value::Object(cfg))?)?;
+    for f in TOKENIZER_FILES.iter().filter(|f| source_dir.is_some_and(|src| src.join(f).exists())) {
+        let src = source_dir.unwrap().join(f);
+        let copy = |w: &mut dyn Write| Ok(std::io::copy(&mut std::fs::File::open(&src)?, w).map(|_| ())?);
+        let sum = write_summed(&partial.join(f), Algo::Sha256, copy).with_context(|| format!("cannot copy {f}"))?;
+        sums.insert(f.to_string(), sum);
     }
+    let listed = sums_text(&sums);
+    write_summed(&partial.join(SUMS_FILE), Algo::Sha256, |w| Ok(w.write_all(listed.as_bytes())?))?;
+    longmix_core::fsx::fsync_dir(&partial)?;
     std::fs::rename(&partial, out).with_context(|| format!("cannot move the export into {}", out.display()))?;
     Ok(())
+}
+
+/// The files an export's [`SUMS_FILE`] lists, with their SHA-256 (None: `dir` has no such file,
+/// an export written before checksums, or not an export).
+pub fn expected_files(dir: &Path) -> Result<Option<Vec<Expected>>> {
+    let path = dir.join(SUMS_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let lines = parse_sums_text(&text).with_context(|| format!("{} is not a sha256sum file", path.display()))?;
+    Ok(Some(lines.into_iter().map(|(name, hash)| Expected { name, bytes: None, hash: Some(hash) }).collect()))
 }

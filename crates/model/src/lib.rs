@@ -16,6 +16,7 @@ pub mod memory;
 pub mod presets;
 pub mod rope;
 pub mod string;
+pub mod tensor_file;
 pub mod transformer;
 
 pub use config::{Architecture, ModelConfig};
@@ -33,4 +34,5 @@ pub use longmix_core::{next_token_targets, Window, IGNORE_INDEX};
 pub use memory::{MemoryOptions, Phases, StepLoss};
 pub use rope::{RopeConfig, RopeScaling};
 pub use string::StringConfig;
+pub use tensor_file::write_safetensors;
 pub use transformer::{CausalLm, Positions, Tokens};

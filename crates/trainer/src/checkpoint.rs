@@ -1,29 +1,38 @@
 //! Checkpoints: what they hold ([`Checkpoint`], one type for saving, resuming and exporting)
-//! and how they are written.
+//! and how they are written and checked.
 //!
 //! `<root>/step-00000123/` is written into `<root>/.step-00000123.tmp`, every file fsynced, a
-//! `MANIFEST.json` (file sizes) written last, then renamed into place and the root fsynced. A
-//! crash at any moment leaves either the previous checkpoints untouched or a `.tmp` folder that
-//! is ignored (and removed by the next save); a save that fails (a full disk, say) removes its
-//! `.tmp` folder itself. On resume, a checkpoint whose files do not match its manifest is
-//! skipped with a warning naming it.
+//! `MANIFEST.json` written last, then renamed into place and the root fsynced. A crash at any
+//! moment leaves either the previous checkpoints untouched or a `.tmp` folder that is ignored
+//! (and removed by the next save); a save that fails (a full disk, say) removes its `.tmp`
+//! folder itself.
+//!
+//! The manifest records each file's length and XXH3-64 checksum, taken from the bytes as they
+//! were written ([`Staging`]), so a file damaged later (a flipped bit on a parallel file
+//! system, a bad copy between nodes) is caught: resuming verifies the checkpoint it picks
+//! ([`verify_in`]), `--resume` / `--resume auto` fall back to the previous valid one with a
+//! warning naming the file, an explicit `--resume PATH` is refused, and `longmix verify` checks
+//! any checkpoint by hand. Checkpoints written before checksums (lengths only) still resume,
+//! with a note.
 //!
 //! Data-parallel runs write one checkpoint together ([`Team`]): rank 0 makes the staging folder,
 //! every rank writes its part (rank 0 the weights, state and config; with ZeRO-1 each rank its
-//! optimizer shard), and only when every rank reports success does rank 0 fsync, write the
-//! manifest and rename. A rank that fails or dies leaves no visible checkpoint.
+//! optimizer shard), and only when every rank reports success, with its files' checksums, does
+//! rank 0 fsync, write the manifest and rename. A rank that fails or dies leaves no visible
+//! checkpoint. Verifying on resume splits the files over the ranks.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use longmix_core::checksum::{check_files, write_summed, Algo, Expected, FileSum};
 use longmix_core::fsx::fsync_dir;
 use longmix_data::LoaderState;
 use longmix_model::{Extension, LoadedModel};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use crate::config::TrainConfig;
 use crate::optim::AdamW;
@@ -66,15 +75,46 @@ pub struct Checkpoint {
     pub state: TrainerState,
 }
 
-/// The ranks writing one checkpoint together (see the module docs).
+/// The ranks writing (or verifying) one checkpoint together (see the module docs).
 pub trait Team {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
     /// Whether this rank's optimizer holds only its ZeRO-1 share.
     fn sharded_optimizer(&self) -> bool;
-    /// A collective: the ranks whose `ok` was false, the same list on every rank.
-    fn failed(&self, ok: bool, step: u64) -> Result<Vec<usize>>;
+    /// A collective through a phase that may last as long as a disk takes: every rank's `word`,
+    /// in rank order, the same list on every rank. `what` names the phase in errors.
+    fn gather(&self, word: &str, what: &str) -> Result<Vec<String>>;
 }
+
+/// The staging folder of one rank's part of a checkpoint: every file written through it is
+/// summed on its way to disk and synced.
+pub struct Staging {
+    dir: PathBuf,
+    files: BTreeMap<String, FileSum>,
+}
+
+impl Staging {
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Write `tensors` (any device) as the safetensors file `name`.
+    pub fn write_tensors(&mut self, name: &str, tensors: &[(String, Tensor)]) -> Result<()> {
+        let sum = longmix_model::write_safetensors(&self.path(name), tensors, None, None, CHECKSUM)?;
+        self.files.insert(name.into(), sum);
+        Ok(())
+    }
+
+    /// Write `bytes` as the file `name`.
+    pub fn write_bytes(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        let sum = write_summed(&self.path(name), CHECKSUM, |w| Ok(w.write_all(bytes)?))?;
+        self.files.insert(name.into(), sum);
+        Ok(())
+    }
+}
+
+/// The checksum of checkpoint files (see `longmix_core::checksum` for the choice).
+pub const CHECKSUM: Algo = Algo::Xxh3;
 
 impl Checkpoint {
     /// Write checkpoint `state.step` of `lm` and `opt` under `root`; returns its folder. With a
@@ -92,31 +132,32 @@ impl Checkpoint {
         let (rank, world, sharded) = team.map_or((0, 1, false), |t| (t.rank(), t.world(), t.sharded_optimizer()));
         save(root, state.step, bytes, team, |d| {
             if sharded {
-                let (tensors, _) = opt.state();
-                Tensor::write_safetensors(&tensors, d.join(files::optimizer_shard(rank, world)))?;
+                d.write_tensors(&files::optimizer_shard(rank, world), &opt.state().0)?;
             }
             if rank != 0 {
                 return Ok(());
             }
-            let named: Vec<(String, Tensor)> =
-                lm.vs.variables().into_iter().map(|(k, v)| (k, v.detach().to_device(Device::Cpu))).collect();
-            Tensor::write_safetensors(&named, d.join(files::MODEL))?;
+            d.write_tensors(files::MODEL, &lm.vs.variables().into_iter().collect::<Vec<_>>())?;
             let (tensors, mut meta) = opt.state();
             if sharded {
                 meta["shards"] = json!(world);
             } else {
-                Tensor::write_safetensors(&tensors, d.join(files::OPTIMIZER))?;
+                d.write_tensors(files::OPTIMIZER, &tensors)?;
             }
-            fs::write(d.join(files::OPTIMIZER_META), serde_json::to_string_pretty(&meta)?)?;
-            fs::write(d.join(files::STATE), serde_json::to_string_pretty(state)?)?;
-            fs::write(d.join(files::CONFIG), toml::to_string(cfg)?)?;
-            Ok(())
+            d.write_bytes(files::OPTIMIZER_META, serde_json::to_string_pretty(&meta)?.as_bytes())?;
+            d.write_bytes(files::STATE, serde_json::to_string_pretty(state)?.as_bytes())?;
+            d.write_bytes(files::CONFIG, toml::to_string(cfg)?.as_bytes())
         })
     }
 
-    /// Open the checkpoint in `dir`: its manifest must verify.
+    /// Open the checkpoint in `dir` after verifying every file against its manifest.
     pub fn load(dir: &Path) -> Result<Checkpoint> {
-        verify(dir).with_context(|| format!("{} is not a complete checkpoint", dir.display()))?;
+        verify(dir).with_context(|| format!("{} is not a complete, intact checkpoint", dir.display()))?;
+        Self::open_verified(dir)
+    }
+
+    /// Open the checkpoint in `dir`, which [`verify_in`] has just passed.
+    pub fn open_verified(dir: &Path) -> Result<Checkpoint> {
         let config = TrainConfig::read(&dir.join(files::CONFIG))?;
         let path = dir.join(files::STATE);
         let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -216,26 +257,38 @@ fn is_disk_full(e: &anyhow::Error) -> bool {
     io_full || text.contains("StorageFull") || text.contains("No space left on device")
 }
 
-/// Write checkpoint `step` under `root`: `fill` writes this rank's files into the folder it is
-/// given; `bytes` is the expected size (for the message when the disk fills up). Returns the
-/// final folder. On failure, on any rank, nothing of this save is left behind and every rank
-/// returns an error.
+/// What a rank reports at the end of each phase of a save: whether its part succeeded, and the
+/// files it wrote with their sums.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct PhaseReport {
+    ok: bool,
+    files: BTreeMap<String, FileSum>,
+}
+
+/// Write checkpoint `step` under `root`: `fill` writes this rank's files into the [`Staging`]
+/// folder it is given; `bytes` is the expected size (for the message when the disk fills up).
+/// Returns the final folder. On failure, on any rank, nothing of this save is left behind and
+/// every rank returns an error.
 pub fn save(
     root: &Path,
     step: u64,
     bytes: u64,
     team: Option<&dyn Team>,
-    fill: impl FnOnce(&Path) -> Result<()>,
+    fill: impl FnOnce(&mut Staging) -> Result<()>,
 ) -> Result<PathBuf> {
     let lead = team.is_none_or(|t| t.rank() == 0);
     let tmp = root.join(format!(".{}.tmp", dir_name(step)));
-    // Each phase ends with every rank learning whether any rank failed it.
-    let agree = |r: Result<()>, what: &str| -> Result<()> {
-        let Some(t) = team else { return r };
-        let failed = t.failed(r.is_ok(), step)?;
+    // Each phase ends with every rank learning whether any rank failed it, and which files
+    // every rank wrote.
+    let agree = |r: Result<()>, files: BTreeMap<String, FileSum>, what: &str| -> Result<BTreeMap<String, FileSum>> {
+        let Some(t) = team else { return r.map(|()| files) };
+        let report = serde_json::to_string(&PhaseReport { ok: r.is_ok(), files })?;
+        let reports = t.gather(&report, &format!("checkpoint of step {step}"))?;
+        let reports: Vec<PhaseReport> = reports.iter().map(|w| serde_json::from_str(w).unwrap_or_default()).collect();
+        let failed: Vec<usize> = reports.iter().enumerate().filter(|(_, p)| !p.ok).map(|(r, _)| r).collect();
         match r {
             Err(e) => Err(e),
-            Ok(()) if failed.is_empty() => Ok(()),
+            Ok(()) if failed.is_empty() => Ok(reports.into_iter().flat_map(|p| p.files).collect()),
             Ok(()) => bail!(
                 "checkpoint step {step}: rank(s) {failed:?} could not {what}; it was not published and the previous \
                  checkpoints are intact (see the log of those ranks)"
@@ -243,37 +296,43 @@ pub fn save(
         }
     };
     let prepared = if lead { prepare(root, &tmp) } else { Ok(()) };
-    agree(prepared, "prepare the staging folder")?;
-    let written = agree(fill(&tmp), "write their part");
-    let sealed = written.and_then(|()| if lead { seal(root, &tmp, step) } else { Ok(root.join(dir_name(step))) });
+    agree(prepared, BTreeMap::new(), "prepare the staging folder")?;
+    let mut staging = Staging { dir: tmp.clone(), files: BTreeMap::new() };
+    let filled = fill(&mut staging);
+    let written = agree(filled, std::mem::take(&mut staging.files), "write their part");
+    let sealed =
+        written.and_then(|files| if lead { seal(root, &tmp, step, &files) } else { Ok(root.join(dir_name(step))) });
     let sealed = match sealed {
-        Ok(dst) => agree(Ok(()), "publish").map(|()| dst),
+        Ok(dst) => agree(Ok(()), BTreeMap::new(), "publish").map(|_| dst),
         Err(e) => {
             if lead {
                 let _ = fs::remove_dir_all(&tmp);
             }
             // The publish phase's agreement, from this side: every rank takes part in it,
             // whether its own phase failed or the lead's seal did.
-            let _ = team.map(|t| t.failed(false, step));
+            let _ = agree(Err(anyhow::anyhow!("failed")), BTreeMap::new(), "publish");
             Err(e)
         }
     };
-    sealed.map_err(|e| {
-        if !is_disk_full(&e) {
-            return e.context(format!(
-                "cannot save checkpoint step {step} in {}; the partial checkpoint was removed",
-                root.display()
-            ));
-        }
-        let free = free_bytes(root).map_or("unknown".into(), gb);
-        anyhow::anyhow!(
-            "cannot save checkpoint step {step} in {}: the disk is full (the checkpoint needs about {}, {free} is \
-             free); the partial checkpoint was removed and the previous ones are intact. Free space, lower \
-             checkpoint.keep, or point checkpoint.dir elsewhere, then resume with --resume ({e:#})",
-            root.display(),
-            gb(bytes),
-        )
-    })
+    sealed.map_err(|e| save_error(root, step, bytes, e))
+}
+
+/// A failed save's error: a full disk says how much was needed and what to do.
+fn save_error(root: &Path, step: u64, bytes: u64, e: anyhow::Error) -> anyhow::Error {
+    if !is_disk_full(&e) {
+        return e.context(format!(
+            "cannot save checkpoint step {step} in {}; the partial checkpoint was removed",
+            root.display()
+        ));
+    }
+    let free = free_bytes(root).map_or("unknown".into(), gb);
+    anyhow::anyhow!(
+        "cannot save checkpoint step {step} in {}: the disk is full (the checkpoint needs about {}, {free} is \
+         free); the partial checkpoint was removed and the previous ones are intact. Free space, lower \
+         checkpoint.keep, or point checkpoint.dir elsewhere, then resume with --resume ({e:#})",
+        root.display(),
+        gb(bytes),
+    )
 }
 
 /// Make an empty staging folder (a stale one from a crash is removed first).
@@ -286,9 +345,9 @@ fn prepare(root: &Path, tmp: &Path) -> Result<()> {
     Ok(())
 }
 
-/// fsync every file of the filled `tmp`, write the manifest, rename into place.
-fn seal(root: &Path, tmp: &Path, step: u64) -> Result<PathBuf> {
-    write_manifest(tmp, step)?;
+/// fsync every file of the filled `tmp`, write the manifest of `files`, rename into place.
+fn seal(root: &Path, tmp: &Path, step: u64, files: &BTreeMap<String, FileSum>) -> Result<PathBuf> {
+    write_manifest(tmp, step, files)?;
     let dst = root.join(dir_name(step));
     if dst.exists() {
         // Re-saving a step (e.g. a signal right after a periodic save): the old copy is only
@@ -304,35 +363,117 @@ fn seal(root: &Path, tmp: &Path, step: u64) -> Result<PathBuf> {
     Ok(dst)
 }
 
-/// fsync every file of `tmp` (whichever rank wrote it), then write the manifest.
-fn write_manifest(tmp: &Path, step: u64) -> Result<()> {
-    let mut files = serde_json::Map::new();
-    let mut names: Vec<_> = fs::read_dir(tmp)?.collect::<std::io::Result<Vec<_>>>()?;
-    names.sort_by_key(|e| e.file_name());
-    for entry in names {
+/// fsync every file of `tmp` (whichever rank wrote it; each must be one of `files`), then write
+/// the manifest.
+fn write_manifest(tmp: &Path, step: u64, files: &BTreeMap<String, FileSum>) -> Result<()> {
+    for entry in fs::read_dir(tmp)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !files.contains_key(&name) {
+            bail!("{name} was written into the checkpoint without a checksum (a bug: write it through Staging)");
+        }
         File::open(entry.path())?.sync_all()?;
-        files.insert(entry.file_name().to_string_lossy().into_owned(), json!(entry.metadata()?.len()));
     }
-    let manifest = json!({ "step": step, "files": files });
+    let manifest = json!({ "step": step, "checksum": CHECKSUM.name(), "files": files });
     let mpath = tmp.join(MANIFEST);
     fs::write(&mpath, serde_json::to_string_pretty(&manifest)?)?;
     File::open(&mpath)?.sync_all()?;
     fsync_dir(tmp)
 }
 
-/// Check `dir` against its manifest; the error says what is wrong.
-pub fn verify(dir: &Path) -> Result<u64> {
-    let text =
-        fs::read_to_string(dir.join(MANIFEST)).with_context(|| format!("{} has no {MANIFEST}", dir.display()))?;
-    let m: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{MANIFEST} is not valid JSON"))?;
-    let files = m["files"].as_object().context("manifest lacks \"files\"")?;
-    for (name, size) in files {
-        let actual = fs::metadata(dir.join(name)).map(|md| md.len()).ok();
-        if actual != size.as_u64() {
-            bail!("{name} is {} bytes, the manifest says {size}", actual.map_or("missing".into(), |a| a.to_string()));
+/// A checkpoint's `MANIFEST.json`: its step and files, with the checksum algorithm (None for a
+/// checkpoint written before checksums, whose manifest holds lengths only).
+pub struct Manifest {
+    pub step: u64,
+    pub checksum: Option<Algo>,
+    pub files: Vec<Expected>,
+}
+
+impl Manifest {
+    pub fn read(dir: &Path) -> Result<Manifest> {
+        let path = dir.join(MANIFEST);
+        let text = fs::read_to_string(&path).with_context(|| format!("{} has no {MANIFEST}", dir.display()))?;
+        let m: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let step = m["step"].as_u64().with_context(|| format!("{} lacks \"step\"", path.display()))?;
+        let checksum = m["checksum"].as_str().map(Algo::from_name).transpose()?;
+        let entries = m["files"].as_object().with_context(|| format!("{} lacks \"files\"", path.display()))?;
+        let mut files = Vec::with_capacity(entries.len());
+        for (name, v) in entries {
+            // Old manifests: `"name": length`; now `"name": {"bytes": length, "hash": hex}`.
+            let (bytes, hash) = match v.as_u64() {
+                Some(b) => (Some(b), None),
+                None => {
+                    let sum: FileSum = serde_json::from_value(v.clone()).with_context(|| {
+                        format!("{}: the entry of {name} is not a length and checksum", path.display())
+                    })?;
+                    (Some(sum.bytes), Some(sum.hash))
+                }
+            };
+            files.push(Expected { name: name.clone(), bytes, hash });
         }
+        Ok(Manifest { step, checksum, files })
     }
-    m["step"].as_u64().context("manifest lacks \"step\"")
+}
+
+/// Check `dir` against its manifest: the length of every file, and the checksums of this rank's
+/// share of them (file `i` is rank `i % world`'s), on a few threads. The error names every
+/// damaged file, what was found and what was recorded. Returns the manifest.
+fn verify_share(dir: &Path, rank: usize, world: usize) -> Result<Manifest> {
+    let m = Manifest::read(dir)?;
+    let share: Vec<Expected> = m
+        .files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| Expected { hash: if i % world == rank { f.hash.clone() } else { None }, ..f.clone() })
+        .collect();
+    let algo = m.checksum.unwrap_or(CHECKSUM);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    let bad: Vec<String> = check_files(dir, &share, algo, threads, &|_| {})
+        .iter()
+        .zip(&share)
+        .filter(|(v, _)| !v.is_ok())
+        .map(|(v, f)| v.describe(&f.name, algo))
+        .collect();
+    if !bad.is_empty() {
+        bail!("{}", bad.join("; "));
+    }
+    Ok(m)
+}
+
+/// Check every file of the checkpoint `dir` against its manifest (one process, see
+/// [`verify_in`]); returns its step.
+pub fn verify(dir: &Path) -> Result<u64> {
+    verify_in(dir, None)
+}
+
+/// Check the checkpoint `dir` against its manifest, the files' checksums split over the ranks
+/// of `team`; every rank gets the same verdict. A checkpoint without checksums passes on its
+/// lengths, with a note in the log. Returns its step.
+pub fn verify_in(dir: &Path, team: Option<&dyn Team>) -> Result<u64> {
+    let (rank, world) = team.map_or((0, 1), |t| (t.rank(), t.world()));
+    let mine = verify_share(dir, rank, world);
+    let verdict = match team {
+        None => mine,
+        Some(t) => {
+            let word = mine.as_ref().map_or_else(|e| format!("{e:#}"), |_| "ok".into());
+            let words = t.gather(&word, &format!("verification of {}", dir.display()))?;
+            let bad: Vec<&str> = words.iter().map(String::as_str).filter(|w| *w != "ok").collect();
+            if bad.is_empty() {
+                mine
+            } else {
+                Err(anyhow::anyhow!("{}", bad.join("; ")))
+            }
+        }
+    };
+    let m = verdict?;
+    if m.checksum.is_none() {
+        tracing::info!(
+            "{} was written without checksums (by an earlier longmix): only its file lengths were checked",
+            dir.display()
+        );
+    }
+    Ok(m.step)
 }
 
 /// Complete checkpoint folders under `root`, oldest first (by step).
@@ -351,15 +492,19 @@ pub fn list(root: &Path) -> Vec<(u64, PathBuf)> {
     out
 }
 
-/// The newest checkpoint under `root` that verifies; broken ones are skipped with a warning.
-pub fn latest_valid(root: &Path) -> Option<PathBuf> {
-    for (_, dir) in list(root).into_iter().rev() {
-        match verify(&dir) {
-            Ok(_) => return Some(dir),
+/// The newest checkpoint under `root` (older than `before`, when given) that verifies with
+/// `team`; each damaged or incomplete one on the way is skipped with a warning naming it.
+pub fn latest_valid(root: &Path, before: Option<u64>, team: Option<&dyn Team>) -> Result<Option<PathBuf>> {
+    for (step, dir) in list(root).into_iter().rev() {
+        if before.is_some_and(|b| step >= b) {
+            continue;
+        }
+        match verify_in(&dir, team) {
+            Ok(_) => return Ok(Some(dir)),
             Err(e) => tracing::warn!("skipping checkpoint {}: {e:#}", dir.display()),
         }
     }
-    None
+    Ok(None)
 }
 
 /// Keep the newest `keep` checkpoints (0 keeps all).
@@ -378,9 +523,15 @@ pub fn prune(root: &Path, keep: usize) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn write(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
-        fs::write(dir.join(name), bytes)?;
-        Ok(())
+    fn write(dir: &mut Staging, name: &str, bytes: &[u8]) -> Result<()> {
+        dir.write_bytes(name, bytes)
+    }
+
+    /// Flip one bit of `file`, `at` bytes in.
+    fn flip(file: &Path, at: usize) {
+        let mut bytes = fs::read(file).unwrap();
+        bytes[at] ^= 0x04;
+        fs::write(file, bytes).unwrap();
     }
 
     #[test]
@@ -404,7 +555,7 @@ mod tests {
             bail!("killed mid-save")
         });
         assert!(err.is_err());
-        assert_eq!(latest_valid(root.path()).unwrap(), root.path().join("step-00000001"));
+        assert_eq!(latest_valid(root.path(), None, None).unwrap().unwrap(), root.path().join("step-00000001"));
         let left: Vec<_> = fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(left, vec![std::ffi::OsString::from("step-00000001")], "the failed save's .tmp folder is gone");
     }
@@ -422,7 +573,7 @@ mod tests {
         assert!(msg.contains("the disk is full") && msg.contains("7.00 GB") && msg.contains("free"), "{msg}");
         assert!(msg.contains("checkpoint.keep") && msg.contains("--resume"), "{msg}");
         assert!(!root.path().join(".step-00000002.tmp").exists());
-        assert_eq!(latest_valid(root.path()).unwrap(), root.path().join("step-00000001"));
+        assert_eq!(latest_valid(root.path(), None, None).unwrap().unwrap(), root.path().join("step-00000001"));
     }
 
     #[test]
@@ -440,7 +591,46 @@ mod tests {
         save(root.path(), 1, 4, None, |d| write(d, "w.bin", b"good")).unwrap();
         let two = save(root.path(), 2, 9, None, |d| write(d, "w.bin", b"also good")).unwrap();
         fs::write(two.join("w.bin"), b"trunc").unwrap();
-        assert!(verify(&two).unwrap_err().to_string().contains("w.bin is 5 bytes"));
-        assert_eq!(latest_valid(root.path()).unwrap(), root.path().join("step-00000001"));
+        assert!(verify(&two).unwrap_err().to_string().contains("w.bin: 5 bytes, 9 recorded"));
+        assert_eq!(latest_valid(root.path(), None, None).unwrap().unwrap(), root.path().join("step-00000001"));
+    }
+
+    #[test]
+    fn a_flipped_bit_is_named_and_the_previous_checkpoint_is_taken() {
+        let root = tempfile::tempdir().unwrap();
+        save(root.path(), 1, 4, None, |d| write(d, "w.bin", b"good")).unwrap();
+        let two = save(root.path(), 2, 9, None, |d| {
+            write(d, "w.bin", b"also good")?;
+            write(d, "state.json", b"{}")
+        })
+        .unwrap();
+        let m = Manifest::read(&two).unwrap();
+        assert_eq!((m.step, m.checksum), (2, Some(CHECKSUM)));
+        assert!(m.files.iter().all(|f| f.hash.as_ref().is_some_and(|h| h.len() == 16)));
+        flip(&two.join("w.bin"), 3);
+        let e = format!("{:#}", verify(&two).unwrap_err());
+        assert!(e.contains("w.bin: xxh3-64 checksum is") && e.contains("recorded") && !e.contains("state.json"), "{e}");
+        assert_eq!(latest_valid(root.path(), None, None).unwrap().unwrap(), root.path().join("step-00000001"));
+        // Each rank of a team checks its share of the files; their lengths are checked by all.
+        assert!(verify_share(&two, 1, 2).is_ok() != verify_share(&two, 0, 2).is_ok());
+    }
+
+    #[test]
+    fn a_checkpoint_written_before_checksums_still_verifies_on_its_lengths() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = save(root.path(), 5, 4, None, |d| write(d, "w.bin", b"good")).unwrap();
+        fs::write(dir.join(MANIFEST), r#"{ "step": 5, "files": { "w.bin": 4 } }"#).unwrap();
+        flip(&dir.join("w.bin"), 0);
+        assert_eq!(verify(&dir).unwrap(), 5, "lengths only: the flip cannot be seen");
+        fs::write(dir.join("w.bin"), b"longer").unwrap();
+        assert!(format!("{:#}", verify(&dir).unwrap_err()).contains("w.bin: 6 bytes, 4 recorded"));
+    }
+
+    #[test]
+    fn a_file_written_around_the_staging_folder_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let e = save(root.path(), 1, 4, None, |d| Ok(fs::write(d.path("stray.bin"), b"x")?)).unwrap_err();
+        assert!(format!("{e:#}").contains("stray.bin was written into the checkpoint without a checksum"), "{e:#}");
+        assert!(list(root.path()).is_empty());
     }
 }

@@ -205,18 +205,24 @@ impl Dist {
         self.step.set(step);
     }
 
-    /// The ranks whose `ok` was false at the end of `what`, a phase that may last as long as a
-    /// disk takes (a checkpoint write): every rank posts its word in the rendezvous store and
-    /// waits there for all the others, up to `phase_timeout_s`, rather than in a collective
-    /// bounded by `timeout_s`. A rank whose heartbeat stands still for `timeout_s` meanwhile is
-    /// named as dead.
+    /// The ranks whose `ok` was false at the end of `what` (see [`Dist::gather`]).
     pub fn agree(&self, ok: bool, what: &str) -> Result<Vec<usize>> {
+        let words = self.gather(if ok { "ok" } else { "failed" }, what)?;
+        Ok(words.iter().enumerate().filter(|(_, w)| *w != "ok").map(|(r, _)| r).collect())
+    }
+
+    /// Every rank's `word` at the end of `what`, a phase that may last as long as a disk takes
+    /// (a checkpoint write or its verification): every rank posts its word in the rendezvous
+    /// store and waits there for all the others, up to `phase_timeout_s`, rather than in a
+    /// collective bounded by `timeout_s`. A rank whose heartbeat stands still for `timeout_s`
+    /// meanwhile is named as dead.
+    pub fn gather(&self, word: &str, what: &str) -> Result<Vec<String>> {
         let n = self.agreements.replace(self.agreements.get() + 1);
         let key = |k: &str| format!("agree/{n}/{k}");
         let store = |e: anyhow::Error| {
             anyhow::anyhow!("rank {}: the rendezvous store failed in the {what}: {e:#}", self.rank())
         };
-        self.pg.store_set(&key(&self.rank().to_string()), if ok { "ok" } else { "failed" }).map_err(store)?;
+        self.pg.store_set(&key(&self.rank().to_string()), word).map_err(store)?;
         self.pg.store_add(&key("arrived"), 1).map_err(store)?;
         let (start, mut beats) = (Instant::now(), Heartbeats::new(self));
         while self.pg.store_add(&key("arrived"), 0).map_err(store)? < self.world() as i64 {
@@ -235,8 +241,7 @@ impl Dist {
             std::thread::sleep(Duration::from_millis(20));
         }
         let word = |r: usize| self.pg.store_get(&key(&r.to_string()), Duration::from_secs(self.cfg.timeout_s));
-        let words = (0..self.world()).map(word).collect::<Result<Vec<String>>>().map_err(store)?;
-        Ok(words.iter().enumerate().filter(|(_, w)| *w != "ok").map(|(r, _)| r).collect())
+        (0..self.world()).map(word).collect::<Result<Vec<String>>>().map_err(store)
     }
 
     /// The end of a run on every exit path that gets here: wait for every rank (rank 0 may still
@@ -327,9 +332,9 @@ impl crate::checkpoint::Team for Dist {
     fn sharded_optimizer(&self) -> bool {
         self.cfg.zero1
     }
-    fn failed(&self, ok: bool, step: u64) -> Result<Vec<usize>> {
+    fn gather(&self, word: &str, what: &str) -> Result<Vec<String>> {
         // On the store: rank 0 writes the weights and may take longer than a collective waits.
-        self.agree(ok, &format!("checkpoint of step {step}"))
+        Dist::gather(self, word, what)
     }
 }
 

@@ -48,6 +48,8 @@ enum Command {
     Search(cmd::search::Args),
     /// Needle-driven perplexity at a target length under closed-form or searched factors.
     NeedlePpl(cmd::needle_ppl::Args),
+    /// Check a checkpoint, a run's checkpoints or an export against the checksums written with it.
+    Verify(cmd::verify::Args),
 }
 
 /// Keep freed tensor memory up to 32 MB a block in the C heap for reuse instead of handing it
@@ -86,6 +88,7 @@ fn main() {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Search(a) => cmd::search::run(a),
         Command::NeedlePpl(a) => cmd::needle_ppl::run(a),
+        Command::Verify(a) => cmd::verify::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

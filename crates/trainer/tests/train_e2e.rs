@@ -216,6 +216,83 @@ fn killed_while_checkpointing_leaves_a_resumable_run() {
     assert!(out.contains("stopped at step"), "{out}");
 }
 
+/// Flip one bit of `file`, `at` bytes in (counted from the end when negative).
+fn flip(file: &Path, at: i64) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let i = if at < 0 { bytes.len() - (-at) as usize } else { at as usize };
+    bytes[i] ^= 0x01;
+    std::fs::write(file, bytes).unwrap();
+}
+
+/// `longmix ARGS` that must succeed, logging at info level: its log.
+fn run_logged(args: &[&str]) -> String {
+    let out = common::bin().env("RUST_LOG", "info").args(args).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "longmix {args:?} failed:\n{log}");
+    log
+}
+
+/// `longmix ARGS` that must fail: its stdout and stderr.
+fn run_fails(args: &[&str]) -> String {
+    let out = common::bin().args(args).output().unwrap();
+    let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "longmix {args:?} should have failed:\n{text}");
+    text
+}
+
+#[test]
+fn a_flipped_bit_in_the_latest_checkpoint_is_caught_and_the_previous_one_resumes_exactly() {
+    let run = Run::new("");
+    run.train(&[]);
+    let reference = run.losses();
+    let (four, six) = (run.root.join("ckpt/step-00000004"), run.root.join("ckpt/step-00000006"));
+    let six_arg = six.to_str().unwrap().to_string();
+    let verified = String::from_utf8(run_ok(&["verify", run.root.join("ckpt").to_str().unwrap()]).stdout).unwrap();
+    assert!(verified.contains("ok   model.safetensors") && verified.contains("intact"), "{verified}");
+    // Inside the tensor data, inside the optimizer state, and a digit of the JSON state (which
+    // would still parse, as another step or position in the data).
+    for (file, at) in [("model.safetensors", -1000), ("optimizer.safetensors", -5), ("trainer_state.json", 12)] {
+        flip(&six.join(file), at);
+        let v = run_fails(&["verify", &six_arg]);
+        assert!(v.contains(&format!("BAD  {file}: xxh3-64 checksum is")) && v.contains("damaged"), "{v}");
+        assert_eq!(v.matches("  BAD  ").count(), 1, "only {file} is named:\n{v}");
+        let refused = run_fails(&["train", "--config", &run.config(), "--resume", &six_arg]);
+        assert!(
+            refused.contains(file) && refused.contains(&format!("--resume {}", four.display())),
+            "an explicit --resume of the damaged checkpoint is refused naming {file} and the previous one:\n{refused}"
+        );
+        let log = run_logged(&["train", "--config", &run.config(), "--resume", "auto"]);
+        assert!(log.contains(&format!("skipping checkpoint {}: {file}", six.display())), "{log}");
+        assert!(log.contains(&format!("resumed from {} at step 4", four.display())), "{log}");
+        for ((s, a), (_, b)) in reference.iter().zip(&run.losses()) {
+            assert_eq!(a.to_bits(), b.to_bits(), "step {s}: uninterrupted {a} vs resumed past a damaged {file} {b}");
+        }
+        run_ok(&["verify", &six_arg]);
+    }
+    // The export checks what it reads, and writes checksums `sha256sum -c` checks.
+    flip(&six.join("config.toml"), 3);
+    let out = run.root.join("export");
+    let e = run_fails(&["export", "--checkpoint", &six_arg, "--out", out.to_str().unwrap()]);
+    assert!(e.contains("config.toml: xxh3-64 checksum is"), "{e}");
+    run_ok(&["export", "--checkpoint", four.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    run_ok(&["verify", out.to_str().unwrap()]);
+    let sha = std::process::Command::new("sha256sum").args(["-c", "SHA256SUMS"]).current_dir(&out).output().unwrap();
+    let listed = String::from_utf8_lossy(&sha.stdout);
+    assert!(sha.status.success() && listed.contains("model-00001-of-00001.safetensors: OK"), "{listed}");
+    flip(&out.join("model-00001-of-00001.safetensors"), -77);
+    let v = run_fails(&["verify", out.to_str().unwrap()]);
+    assert!(v.contains("BAD  model-00001-of-00001.safetensors: sha256 checksum is"), "{v}");
+
+    // A checkpoint written before checksums (lengths only) still resumes, with a note.
+    let manifest = four.join("MANIFEST.json");
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    let lengths: serde_json::Map<String, serde_json::Value> =
+        m["files"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v["bytes"].clone())).collect();
+    std::fs::write(&manifest, serde_json::json!({ "step": 4, "files": lengths }).to_string()).unwrap();
+    let log = run_logged(&["train", "--config", &run.config(), "--resume", four.to_str().unwrap()]);
+    assert!(log.contains("written without checksums") && log.contains("resumed from"), "{log}");
+}
+
 fn longmix_ckpts(dir: &Path) -> usize {
     std::fs::read_dir(dir)
         .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("step-")).count())

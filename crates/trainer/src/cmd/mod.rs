@@ -8,3 +8,4 @@ pub mod needle_ppl;
 pub mod plot;
 pub mod score;
 pub mod search;
+pub mod verify;

@@ -23,31 +23,45 @@ impl Checkpointer {
 
     /// The checkpoint to resume from: `--resume` (newest valid), `--resume DIR`, `--resume auto`
     /// (newest valid, or a fresh start when there is none). Without `--resume`, a folder that
-    /// already holds checkpoints is refused, so a run never overwrites another by accident.
-    pub fn resume_point(&self, arg: Option<&str>) -> Result<Option<Checkpoint>> {
+    /// already holds checkpoints is refused, so a run never overwrites another by accident. The
+    /// checkpoint picked is verified against its manifest's checksums (the ranks of `team`
+    /// sharing the reads): a damaged newest one is skipped with a warning naming the file, a
+    /// damaged one named by `--resume DIR` is refused with the previous valid one as the fix.
+    pub fn resume_point(&self, arg: Option<&str>, team: Option<&dyn Team>) -> Result<Option<Checkpoint>> {
+        let root = &self.cfg.dir;
         let dir = match arg {
             None => {
-                if !checkpoint::list(&self.cfg.dir).is_empty() {
+                if !checkpoint::list(root).is_empty() {
                     bail!(
                         "{} already holds checkpoints: pass --resume to continue that run, or set checkpoint.dir to a \
                          new folder",
-                        self.cfg.dir.display()
+                        root.display()
                     );
                 }
                 None
             }
-            Some("auto") => checkpoint::latest_valid(&self.cfg.dir),
-            Some("latest") => Some(checkpoint::latest_valid(&self.cfg.dir).with_context(|| {
-                format!("--resume: no valid checkpoint under {}; start without --resume", self.cfg.dir.display())
+            Some("auto") => checkpoint::latest_valid(root, None, team)?,
+            Some("latest") => Some(checkpoint::latest_valid(root, None, team)?.with_context(|| {
+                format!("--resume: no valid checkpoint under {}; start without --resume", root.display())
             })?),
-            Some(named) => {
-                let dir = PathBuf::from(named);
-                checkpoint::verify(&dir)
-                    .with_context(|| format!("--resume {}: not a complete checkpoint", dir.display()))?;
-                Some(dir)
-            }
+            Some(named) => Some(Self::named(Path::new(named), team)?),
         };
-        dir.map(|d| Checkpoint::load(&d)).transpose()
+        dir.map(|d| Checkpoint::open_verified(&d)).transpose()
+    }
+
+    /// `--resume DIR`, verified; the refusal names the newest valid checkpoint before it.
+    fn named(dir: &Path, team: Option<&dyn Team>) -> Result<PathBuf> {
+        let Err(e) = checkpoint::verify_in(dir, team) else { return Ok(dir.to_path_buf()) };
+        let step = dir.file_name().and_then(|n| n.to_str()?.strip_prefix("step-")?.parse().ok());
+        let previous = match (dir.parent(), step) {
+            (Some(root), Some(step)) => checkpoint::latest_valid(root, Some(step), team)?,
+            _ => None,
+        };
+        let fix = match previous {
+            Some(p) => format!("resume from the previous valid checkpoint instead: --resume {}", p.display()),
+            None => "no earlier valid checkpoint is there: start without --resume".into(),
+        };
+        bail!("--resume {}: not a complete, intact checkpoint ({e:#}); {fix}", dir.display())
     }
 
     /// Whether step `step` of `total` ends with a checkpoint (`stop`: the run stops after it).

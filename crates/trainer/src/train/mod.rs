@@ -30,7 +30,7 @@ use longmix_data::{DataConfig, Loader, LoaderState, Prefetcher, Row};
 use longmix_model::{export_hf, load_model, ExportOptions, Extension, LoadedModel, MemoryOptions, ModelConfig};
 use tch::{Device, Kind};
 
-use crate::checkpoint::{Checkpoint, TrainerState};
+use crate::checkpoint::{Checkpoint, Team, TrainerState};
 use crate::config::TrainConfig;
 use crate::device::{check_training_dtype, compute_dtype, parse_device, parse_dtype};
 use crate::distributed::{self, Dist, Launch};
@@ -169,8 +169,7 @@ fn agree_on_resume(dist: Option<&Dist>, resumed: Option<&Checkpoint>) -> Result<
 }
 
 /// The data loader, positioned after the last trained row of the global row stream (which every
-/// rank reads whole). Under data parallelism rank 0 tokenizes a missing cache (hours for a big
-/// corpus, longer than any collective timeout) while the others wait for its word in the store.
+/// rank reads whole). Under data parallelism the cache is prepared first ([`prepare_cache`]).
 fn open_loader(
     cfg: &TrainConfig,
     dcfg: DataConfig,
@@ -179,22 +178,56 @@ fn open_loader(
 ) -> Result<Loader> {
     let tok_path = cfg.model.path.join("tokenizer.json");
     if let Some(d) = dist {
-        if d.rank() == 0 {
-            let prepared = longmix_data::prepare_cache(&dcfg, &tok_path, &cfg.data.cache_dir);
-            let word = prepared.as_ref().map_or_else(|e| format!("failed: {e:#}"), |_| "ok".into());
-            d.pg.store_set("data_cache", &word)?;
-            prepared?;
-        } else {
-            let word = d.pg.store_get("data_cache", std::time::Duration::from_secs(7 * 24 * 3600))?;
-            if word != "ok" {
-                bail!("rank 0 could not prepare the data cache: {word}");
-            }
-        }
+        prepare_cache(d, &dcfg, &tok_path, &cfg.data.cache_dir)?;
     }
     match resumed {
         Some(c) => Loader::restore(dcfg, &tok_path, &cfg.data.cache_dir, c.state.loader.clone()),
         None => Loader::new(dcfg, &tok_path, &cfg.data.cache_dir),
     }
+}
+
+/// Tokenize a missing cache once per file system that holds it, the other ranks waiting for the
+/// word in the store (hours for a big corpus, longer than any collective timeout): rank 0 first;
+/// then, where a node does not see rank 0's cache (`data.cache_dir` on node-local scratch), that
+/// node's local rank 0 tokenizes the node's copy while the node's other ranks wait for it.
+fn prepare_cache(d: &Dist, dcfg: &DataConfig, tok_path: &Path, cache_dir: &Path) -> Result<()> {
+    let wait = |key: &str, who: &str| -> Result<()> {
+        let word = d.pg.store_get(key, std::time::Duration::from_secs(7 * 24 * 3600))?;
+        if word != "ok" {
+            bail!("{who} could not prepare the data cache: {word}");
+        }
+        Ok(())
+    };
+    let prepare_and_post = |key: &str| -> Result<()> {
+        let prepared = longmix_data::prepare_cache(dcfg, tok_path, cache_dir);
+        let word = prepared.as_ref().map_or_else(|e| format!("failed: {e:#}"), |_| "ok".into());
+        d.pg.store_set(key, &word)?;
+        prepared.map(|_| ())
+    };
+    // Ranks are numbered node by node (torchrun, SLURM's block distribution).
+    let lead = d.rank() - d.launch.local_rank;
+    let node_key = format!("data_cache/node-of-rank-{lead}");
+    if d.rank() == 0 {
+        return prepare_and_post("data_cache");
+    }
+    wait("data_cache", "rank 0")?;
+    if lead == 0 {
+        return Ok(());
+    }
+    if d.rank() == lead {
+        if longmix_data::cache::is_built(dcfg, tok_path, cache_dir)? {
+            tracing::info!("data cache: rank 0's copy is visible on this node at {}", cache_dir.display());
+            return d.pg.store_set(&node_key, "ok");
+        }
+        tracing::info!(
+            "data cache: {} does not hold rank 0's copy on this node (node-local scratch): rank {lead}, this node's \
+             local rank 0, tokenizes it while the node's other ranks wait",
+            cache_dir.display()
+        );
+        return prepare_and_post(&node_key);
+    }
+    tracing::info!("data cache: waiting for rank {lead} (this node's local rank 0) to prepare {}", cache_dir.display());
+    wait(&node_key, &format!("rank {lead} (this node's local rank 0)"))
 }
 
 /// The model's tokenizer must not name tokens the model lacks.
@@ -219,7 +252,7 @@ impl Trainer {
         // Weights load in float32 (the optimizer's masters); the model then computes in `kind`.
         let mut lm = load_model(&cfg.model.path, Kind::Float, device)?;
         let checkpointer = Checkpointer::new(&cfg.checkpoint);
-        let resumed = checkpointer.resume_point(resume)?;
+        let resumed = checkpointer.resume_point(resume, dist.as_ref().map(|d| d as &dyn Team))?;
         agree_on_resume(dist.as_ref(), resumed.as_ref())?;
         let extension = match &resumed {
             Some(c) => c.state.rope.clone(),
