@@ -218,6 +218,92 @@ fn zero1_trains_what_plain_data_parallel_trains_and_resumes_on_another_world_siz
     assert!(d < TOL, "resumed on 3 ranks: {d}");
 }
 
+#[test]
+fn a_damaged_zero1_shard_is_named_and_the_ranks_resume_the_previous_checkpoint() {
+    let b = Bench::new();
+    let cfg = b.run("shard", 4, "[distributed]\nzero1 = true\n");
+    train(&cfg, 2, &[]);
+    let ckpt = b.root.join("shard/ckpt");
+    let (two, four) = (ckpt.join("step-00000002"), ckpt.join("step-00000004"));
+    let before = weights(&four);
+    let shard = "optimizer-rank-00001-of-00002.safetensors";
+    let mut bytes = std::fs::read(four.join(shard)).unwrap();
+    let at = bytes.len() - 9;
+    bytes[at] ^= 0x01;
+    std::fs::write(four.join(shard), bytes).unwrap();
+
+    let v = common::bin().args(["verify", ckpt.to_str().unwrap()]).output().unwrap();
+    let listed = text(&v);
+    assert!(!v.status.success() && listed.contains(&format!("BAD  {shard}: xxh3-64 checksum is")), "{listed}");
+    // Named explicitly: every rank refuses it, naming the shard and the previous checkpoint.
+    let four_arg = four.display().to_string();
+    for (r, o) in
+        launch(&cfg, 2, &["--resume", &four_arg]).into_iter().map(|c| c.wait_with_output().unwrap()).enumerate()
+    {
+        let t = text(&o);
+        assert!(
+            !o.status.success() && t.contains(shard) && t.contains(&format!("--resume {}", two.display())),
+            "{r}: {t}"
+        );
+    }
+    // `--resume auto`: the ranks agree to skip it, resume step 2 and redo steps 3 and 4 exactly.
+    let out = train(&cfg, 2, &["--resume", "auto"]);
+    assert!(out.contains(&format!("skipping checkpoint {}: {shard}", four.display())), "{out}");
+    assert_eq!(max_diff(&before, &weights(&four)), 0.0, "resumed past the damaged shard == uninterrupted");
+}
+
+/// `data.cache_dir` on node-local scratch: two "nodes" (rank 0 alone; ranks 1 and 2 as local
+/// ranks 0 and 1), each its own working folder, so the relative cache folder of one is not the
+/// other's. Each node's cache is tokenized once, by its local rank 0.
+#[test]
+fn a_node_local_cache_is_tokenized_once_per_node() {
+    let b = Bench::new();
+    let cfg = b.run("scratch", 2, "");
+    let text_cfg = std::fs::read_to_string(&cfg).unwrap();
+    let cache = format!("cache_dir = \"{}/cache\"", b.root.display());
+    std::fs::write(&cfg, text_cfg.replace(&cache, "cache_dir = \"scratch/cache\"")).unwrap();
+    let port = free_port().to_string();
+    let nodes = [b.root.join("node-a"), b.root.join("node-b")];
+    let kids: Vec<Child> = [(0, 0), (1, 1), (2, 1)]
+        .into_iter()
+        .map(|(rank, node)| {
+            std::fs::create_dir_all(&nodes[node]).unwrap();
+            let local = if rank == 2 { 1 } else { 0 };
+            Command::new(env!("CARGO_BIN_EXE_longmix"))
+                .args(["train", "--config", cfg.to_str().unwrap()])
+                .current_dir(&nodes[node])
+                .env("RUST_LOG", "info")
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", local.to_string())
+                .env("WORLD_SIZE", "3")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let logs: Vec<String> = kids
+        .into_iter()
+        .enumerate()
+        .map(|(r, c)| {
+            let o = c.wait_with_output().unwrap();
+            assert!(o.status.success(), "rank {r} failed:\n{}", text(&o));
+            text(&o)
+        })
+        .collect();
+    // The tokenizer's report ("sources[0]: N docs, T tokens in S s") is logged by whoever builds.
+    let tokenized = |log: &str| log.lines().any(|l| l.contains("sources[0]: ") && l.contains(" tokens in "));
+    assert!(tokenized(&logs[0]) && tokenized(&logs[1]), "rank 0 and node b's local rank 0 tokenize");
+    assert!(logs[1].contains("rank 1, this node's local rank 0, tokenizes it"), "{}", logs[1]);
+    assert!(!tokenized(&logs[2]), "node b's local rank 1 waits instead:\n{}", logs[2]);
+    assert!(logs[2].contains("waiting for rank 1 (this node's local rank 0)"), "{}", logs[2]);
+    for node in &nodes {
+        assert!(node.join("scratch/cache").is_dir(), "{}", node.display());
+    }
+}
+
 /// Data parallel and context parallel (the killed rank is the other half of every row).
 #[test]
 fn a_killed_rank_stops_the_others_with_its_name() {
